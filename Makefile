@@ -1,0 +1,44 @@
+# Setup and entry points. `make demo` and `make test` do all setup on a fresh Debian machine.
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users pick another build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+APT_TEST_PACKAGES ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev dataset system-test-deps demo test clean
+
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+setup-dev: setup $(VENV)/.dev-done
+$(VENV)/.dev-done: pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Debian's package ships the full Fashion-MNIST; installed when we are root and it is missing.
+dataset:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; fi
+
+system-test-deps:
+	@if [ -n "$(APT_TEST_PACKAGES)" ] && [ "$$(id -u)" = 0 ]; then \
+	  missing=$$(for p in $(APT_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then (apt-get update -qq && apt-get install -y -qq $$missing) >/dev/null; fi; fi
+
+demo: setup dataset
+	$(BIN)/bigbatch launch --nproc-per-node 2 configs/fashion_mnist.yaml
+
+test: setup-dev dataset system-test-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,441 @@
+"""The typed configuration tree: YAML in, validated `Config` out.
+
+Every field carries a one-line description (shown by `bigbatch train CONFIG --print-config` and in
+the README). Validation collects every problem and raises one `ConfigError` listing them, each naming
+the key and the fix; the CLI turns that into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """One or more problems in a run configuration; `problems` lists them, one per key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    return Field(default, description=doc, **kw)
+
+
+class RunConfig(Section):
+    name: str = _f("run", "run name; the run directory is out_dir/name")
+    out_dir: str = _f("runs", "parent folder of run directories")
+    seed: int = _f(0, "seed for model init, data order and every RNG")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps", gt=0)
+    max_samples: Optional[int] = _f(None, "stop after this many training samples", gt=0)
+    epochs: Optional[float] = _f(None, "stop after this many passes over the training set", gt=0)
+    deterministic: bool = _f(True, "use deterministic torch algorithms (bitwise resume on CPU)")
+
+
+class DataConfig(Section):
+    name: str = _f("fashion_mnist", "fashion_mnist | text | tokens | synthetic | 'pkg.module:build'")
+    path: Optional[str] = _f(None, "dataset folder or file (fashion_mnist: Debian's folder by default)")
+    glob: str = _f("*.txt", "text: files under `path` matching this glob")
+    val_fraction: float = _f(0.1, "text/tokens/synthetic: fraction held out for validation", ge=0, lt=1)
+    seq_len: int = _f(128, "text/tokens: tokens per training window", gt=0)
+    token_dtype: Literal["uint16", "uint32"] = _f("uint16", "tokens: integer type of the binary file")
+    vocab_size: Optional[int] = _f(None, "tokens: vocabulary size (default: max id + 1)", gt=0)
+    shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample")
+    num_classes: int = _f(10, "synthetic: number of classes", gt=1)
+    num_samples: int = _f(4096, "synthetic: number of samples", gt=0)
+    kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom builder")
+
+
+class ModelConfig(Section):
+    name: str = _f("mlp", "mlp | resnet | gpt | 'pkg.module:Class'")
+    hidden: list[int] = _f([256, 256], "mlp: hidden layer widths")
+    width: int = _f(16, "resnet: channels of the first stage (64 = ResNet-18 width)", gt=0)
+    blocks: list[int] = _f([1, 1, 1], "resnet: residual blocks per stage ([2,2,2,2] = ResNet-18)")
+    n_layer: int = _f(4, "gpt: transformer blocks", gt=0)
+    n_head: int = _f(4, "gpt: attention heads", gt=0)
+    d_model: int = _f(128, "gpt: embedding width", gt=0)
+    dropout: float = _f(0.0, "gpt/mlp: dropout probability", ge=0, lt=1)
+    kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom model class")
+
+
+class LRScalingConfig(Section):
+    rule: Literal["none", "linear", "sqrt", "linear_then_sqrt"] = _f(
+        "none", "how the peak LR follows the global batch B")
+    base_batch: int = _f(256, "B0: the batch at which optim.lr was tuned", gt=0)
+    knee_batch: Optional[int] = _f(None, "Bk: linear_then_sqrt switches to sqrt above it", gt=0)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "lars", "lamb", "lion",
+                  "schedule_free_adamw"] = _f("sgd", "optimizer")
+    lr: float = _f(0.1, "base LR (at lr_scaling.base_batch)", gt=0)
+    weight_decay: float = _f(0.0, "weight decay", ge=0)
+    momentum: float = _f(0.9, "sgd/lars/rmsprop momentum", ge=0, lt=1)
+    nesterov: bool = _f(False, "sgd/lars: Nesterov momentum")
+    betas: tuple[float, float] = _f((0.9, 0.999), "adam-family betas")
+    eps: Optional[float] = _f(None, "epsilon (default: the optimizer's own)", gt=0)
+    decay_norm_and_bias: bool = _f(False, "also apply weight decay (and LARS/LAMB adaptation) to biases and norms")
+    grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value", gt=0)
+    trust_coefficient: float = _f(0.001, "lars: trust coefficient", gt=0)
+    lars_clip: bool = _f(False, "lars: LARC clipping mode")
+    trust_clip: Optional[float] = _f(None, "lamb: upper bound of the trust ratio", gt=0)
+    impl: Literal["torch", "apex"] = _f("torch", "torch (ours) or apex fused kernels (CUDA only)")
+    foreach: Optional[bool] = _f(None, "multi-tensor kernels (default: the optimizer's choice)")
+    lr_scaling: LRScalingConfig = _f(LRScalingConfig(), "LR scaling rule")
+
+
+class LRScheduleConfig(Section):
+    name: Literal["constant", "cosine", "linear", "wsd", "one_cycle", "cyclic"] = _f(
+        "constant", "schedule after warmup")
+    warmup_samples: Optional[int] = _f(None, "warmup length in samples", ge=0)
+    warmup_fraction: float = _f(0.0, "warmup length as a fraction of the run (if warmup_samples unset)",
+                                ge=0, lt=1)
+    min_lr_ratio: float = _f(0.0, "final LR as a fraction of the peak", ge=0, le=1)
+    decay_fraction: float = _f(0.2, "wsd: final fraction of the run spent decaying", gt=0, le=1)
+    cycle_samples: Optional[int] = _f(None, "cyclic: samples per half cycle", gt=0)
+
+
+class Stage(Section):
+    until_samples: int = _f(..., "this stage lasts until this many samples were seen", gt=0)
+    batch: int = _f(..., "global batch during this stage", gt=0)
+
+
+class BatchScheduleConfig(Section):
+    kind: Literal["constant", "ramp", "stages"] = _f("constant", "how the global batch changes")
+    start: Optional[int] = _f(None, "ramp: first global batch", gt=0)
+    increment: Optional[int] = _f(None, "ramp: growth per interval", gt=0)
+    ramp_samples: Optional[int] = _f(None, "ramp: samples until the target batch is reached", gt=0)
+    stages: list[Stage] = _f([], "stages: table of {until_samples, batch}; global_batch afterwards")
+
+
+class AdaptiveBatchConfig(Section):
+    enabled: bool = _f(False, "grow the batch toward factor × gradient noise scale")
+    factor: float = _f(1.0, "target batch = factor × noise scale", gt=0)
+    min: Optional[int] = _f(None, "smallest batch (default batch.global_batch)", gt=0)
+    max: Optional[int] = _f(None, "largest batch", gt=0)
+    every_samples: int = _f(50_000, "re-evaluate the batch this often", gt=0)
+
+
+class BatchConfig(Section):
+    global_batch: int = _f(256, "samples per optimizer step over all ranks (the one knob)", gt=0)
+    micro_batch: Optional[int] = _f(None, "largest per-rank forward batch; accumulation fills the rest",
+                                    gt=0)
+    schedule: BatchScheduleConfig = _f(BatchScheduleConfig(), "batch-size schedule")
+    adaptive: AdaptiveBatchConfig = _f(AdaptiveBatchConfig(), "noise-scale driven batch growth")
+
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "deepspeed", "diloco"] = _f(
+        "ddp", "how the model is replicated or sharded")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl with CUDA, gloo otherwise")
+    timeout_s: float = _f(300.0, "collective timeout; a dead rank fails the job within it", gt=0)
+    bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size", gt=0)
+
+
+class CompressionConfig(Section):
+    method: Literal["none", "fp16", "bf16", "powersgd", "torch_powersgd"] = _f(
+        "none", "gradient compression for DDP")
+    rank: int = _f(2, "powersgd: rank of the approximation", gt=0)
+    start_step: int = _f(10, "powersgd: plain all-reduce before this step", ge=0)
+    min_compression_rate: float = _f(2.0, "powersgd: compress only tensors shrunk at least this much",
+                                     gt=0)
+    error_feedback: bool = _f(True, "powersgd: carry the residual to the next step")
+    warm_start: bool = _f(True, "powersgd: reuse Q between steps")
+    orthogonalization: Literal["gram_schmidt", "qr"] = _f("gram_schmidt", "powersgd: how P is orthogonalized")
+    seed: int = _f(0, "powersgd: seed of the initial Q")
+
+
+class CheckpointConfig(Section):
+    every_steps: Optional[int] = _f(None, "save every this many steps", gt=0)
+    every_minutes: Optional[float] = _f(None, "save every this many minutes", gt=0)
+    keep_last: int = _f(3, "keep the newest k checkpoints (0 keeps all)", ge=0)
+    at_end: bool = _f(True, "save when training ends")
+    resume: str = _f("auto", "auto (newest valid in the run dir) | never | PATH to a step-N dir")
+
+
+class GuardConfig(Section):
+    enabled: bool = _f(False, "turn the loss-spike guard on")
+    nan: Literal["skip", "error"] = _f("skip", "what a non-finite loss does")
+    spike_factor: float = _f(3.0, "a loss above factor × recent median is a spike", gt=1)
+    window: int = _f(50, "recent losses the median is taken over", gt=1)
+    rollback: bool = _f(True, "on a spike, reload the latest checkpoint")
+    skip_batches: int = _f(200, "batches skipped after a rollback", ge=0)
+
+
+class EvalConfig(Section):
+    every_steps: Optional[int] = _f(None, "evaluate every this many steps", gt=0)
+    at_end: bool = _f(True, "evaluate when training ends")
+    batch_size: int = _f(1024, "per-rank evaluation batch", gt=0)
+    max_batches: Optional[int] = _f(None, "cap on evaluation batches per rank", gt=0)
+
+
+class MetricsConfig(Section):
+    log_every_steps: int = _f(10, "plain log line period when not on a TTY", gt=0)
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    progress: Literal["auto", "bar", "log", "none"] = _f("auto", "rank-0 progress display")
+
+
+class SlurmConfig(Section):
+    partition: Optional[str] = _f(None, "sbatch --partition")
+    account: Optional[str] = _f(None, "sbatch --account")
+    qos: Optional[str] = _f(None, "sbatch --qos")
+    nodes: int = _f(1, "sbatch --nodes", gt=0)
+    ntasks_per_node: int = _f(1, "ranks per node (launch_mode=srun) or 1 (launch_mode=torchrun)", gt=0)
+    gpus_per_node: int = _f(0, "sbatch --gpus-per-node", ge=0)
+    cpus_per_task: Optional[int] = _f(None, "sbatch --cpus-per-task", gt=0)
+    mem: Optional[str] = _f(None, "sbatch --mem, e.g. 64G")
+    time: Optional[str] = _f(None, "sbatch --time, e.g. 04:00:00")
+    constraint: Optional[str] = _f(None, "sbatch --constraint")
+    exclusive: bool = _f(False, "sbatch --exclusive")
+    job_name: Optional[str] = _f(None, "sbatch --job-name (default run.name)")
+    mail: Optional[str] = _f(None, "sbatch --mail-user (with --mail-type=END,FAIL)")
+    signal: str = _f("USR1@120", "sbatch --signal: signal sent this many seconds before the time limit")
+    requeue: bool = _f(True, "requeue the job after a preemption or time-limit signal")
+    launch_mode: Literal["torchrun", "srun"] = _f(
+        "srun", "torchrun: one srun task per node running `bigbatch launch`; srun: one task per rank")
+    setup: list[str] = _f([], "shell lines run before training (module loads, venv activation)")
+    env: dict[str, str] = _f({}, "environment variables exported in the job")
+    extra: dict[str, Union[str, int, bool]] = _f({}, "other sbatch options by long name, e.g. {reservation: x}")
+    backend: Literal["sbatch", "submitit"] = _f("sbatch", "submit with sbatch or through submitit")
+
+
+class Config(Section):
+    """A whole run."""
+
+    run: RunConfig = _f(RunConfig(), "run identity and length")
+    data: DataConfig = _f(DataConfig(), "dataset")
+    model: ModelConfig = _f(ModelConfig(), "model")
+    optim: OptimConfig = _f(OptimConfig(), "optimizer")
+    lr: LRScheduleConfig = _f(LRScheduleConfig(), "LR schedule on a sample clock")
+    batch: BatchConfig = _f(BatchConfig(), "global batch, micro-batch and batch-size schedule")
+    distributed: DistributedConfig = _f(DistributedConfig(), "parallelism and process group")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast for forward/backward")
+    compression: CompressionConfig = _f(CompressionConfig(), "gradient compression (DDP only)")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpoints and resume")
+    guard: GuardConfig = _f(GuardConfig(), "loss-spike guard")
+    eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
+    metrics: MetricsConfig = _f(MetricsConfig(), "metrics sinks and progress display")
+    slurm: SlurmConfig = _f(SlurmConfig(), "Slurm submission (bigbatch submit)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config, stored in checkpoint metadata."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `a.b=c` overrides, validate; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {path}: not found; pass the path of a YAML file"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"config file {path}: not valid YAML ({err}); fix the syntax"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file {path}: the top level must be a mapping of sections"])
+    problems = [p for item in overrides for p in _apply_override(raw, item)]
+    return validate_config(raw, problems)
+
+
+def validate_config(raw: dict, problems: list[str] | None = None) -> Config:
+    problems = list(problems or [])
+    cfg = None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        problems += [_describe(e) for e in err.errors()]
+    if cfg is not None:
+        problems += semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> list[str]:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        return [f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=0.1"]
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return [f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section"]
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+    return []
+
+
+def _describe(error: dict) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(error["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{key}: unknown key.{hint} Valid keys here: {', '.join(valid)}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (a pydantic error location) in the Config tree."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = next((a for a in getattr(annotation, "__args__", ()) if hasattr(a, "model_fields")),
+                     annotation)
+        if getattr(annotation, "__origin__", None) is list:
+            model = annotation.__args__[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+BUILTIN_DATA = ("fashion_mnist", "text", "tokens", "synthetic")
+BUILTIN_MODELS = ("mlp", "resnet", "gpt")
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def semantic_problems(cfg: Config) -> list[str]:
+    """Cross-field checks that need no process group: data paths, import paths, schedules."""
+    problems = _data_problems(cfg.data)
+    problems += _import_problems("model.name", cfg.model.name, BUILTIN_MODELS)
+    if cfg.run.max_steps is None and cfg.run.max_samples is None and cfg.run.epochs is None:
+        problems.append("run: set one of run.max_steps, run.max_samples or run.epochs")
+    if cfg.optim.lr_scaling.rule == "linear_then_sqrt" and cfg.optim.lr_scaling.knee_batch is None:
+        problems.append("optim.lr_scaling.knee_batch: required by rule linear_then_sqrt")
+    if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
+        problems.append("lr.cycle_samples: required by the cyclic schedule")
+    problems += _batch_schedule_problems(cfg.batch)
+    return problems
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    if data.name not in BUILTIN_DATA:
+        return _import_problems("data.name", data.name, BUILTIN_DATA)
+    if data.name == "fashion_mnist":
+        folder = Path(data.path or DEFAULT_FASHION_MNIST)
+        if not (folder / "train-images-idx3-ubyte.gz").is_file():
+            return [f"data.path: no Fashion-MNIST IDX files in {folder}; install them with "
+                    "`apt-get install dataset-fashion-mnist` (Debian) or set data.path to a folder "
+                    "holding train-images-idx3-ubyte.gz and friends"]
+    if data.name in ("text", "tokens"):
+        if data.path is None:
+            return [f"data.path: required for data.name={data.name}"]
+        if data.name == "tokens" and not Path(data.path).is_file():
+            return [f"data.path: token file {data.path} not found"]
+        if data.name == "text" and not Path(data.path).exists():
+            return [f"data.path: {data.path} not found; point it at a text file or a folder"]
+    return []
+
+
+def _import_problems(key: str, name: str, builtins: tuple[str, ...]) -> list[str]:
+    if name in builtins:
+        return []
+    if ":" not in name:
+        return [f"{key}: unknown '{name}'; use one of {', '.join(builtins)} or an import path "
+                "'package.module:attribute'"]
+    try:
+        resolve_import(name)
+    except (ImportError, AttributeError) as err:
+        return [f"{key}: cannot import '{name}' ({err}); check the module is on PYTHONPATH"]
+    return []
+
+
+def resolve_import(spec: str) -> Any:
+    """`package.module:attribute` → the attribute."""
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _batch_schedule_problems(batch: BatchConfig) -> list[str]:
+    sched = batch.schedule
+    if sched.kind == "ramp":
+        missing = [k for k in ("start", "increment", "ramp_samples") if getattr(sched, k) is None]
+        if missing:
+            return [f"batch.schedule.{k}: required by kind ramp" for k in missing]
+        span = batch.global_batch - sched.start
+        if span <= 0 or span % sched.increment:
+            return [f"batch.schedule: (global_batch {batch.global_batch} - start {sched.start}) = {span} "
+                    f"must be a positive multiple of increment {sched.increment}"]
+    if sched.kind == "stages":
+        if not sched.stages:
+            return ["batch.schedule.stages: kind stages needs at least one {until_samples, batch}"]
+        ends = [s.until_samples for s in sched.stages]
+        if ends != sorted(set(ends)):
+            return ["batch.schedule.stages: until_samples must increase from stage to stage"]
+    return []
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+
+def split_batch(global_batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) for one optimizer step; ValueError shows the arithmetic.
+
+    The global batch must divide over the ranks; the per-rank batch is then cut into equal
+    micro-batches no larger than `micro_batch`.
+    """
+    if global_batch % world_size:
+        raise ValueError(
+            f"batch.global_batch={global_batch} does not split over {world_size} ranks "
+            f"({global_batch} / {world_size} = {global_batch / world_size:g}); use a multiple of {world_size}")
+    per_rank = global_batch // world_size
+    if micro_batch is None or per_rank <= micro_batch:
+        return per_rank, 1
+    if per_rank % micro_batch:
+        raise ValueError(
+            f"batch.micro_batch={micro_batch} does not divide the per-rank batch {per_rank} "
+            f"(= global_batch {global_batch} / {world_size} ranks; {per_rank} / {micro_batch} = "
+            f"{per_rank / micro_batch:g}); choose a micro_batch dividing {per_rank} or a global_batch "
+            f"that is a multiple of {world_size * micro_batch}")
+    return micro_batch, per_rank // micro_batch
+
+
+def scheduled_batches(batch: BatchConfig) -> list[int]:
+    """Every global batch the configured schedule can produce (for validation before training)."""
+    sched = batch.schedule
+    if sched.kind == "ramp":
+        return list(range(sched.start, batch.global_batch + 1, sched.increment))
+    if sched.kind == "stages":
+        return sorted({s.batch for s in sched.stages} | {batch.global_batch})
+    return [batch.global_batch]
+
+
+def world_problems(cfg: Config, world_size: int) -> list[str]:
+    """Checks that need the world size: every scheduled batch must split over the ranks."""
+    problems = []
+    for global_batch in scheduled_batches(cfg.batch):
+        try:
+            split_batch(global_batch, world_size, cfg.batch.micro_batch)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems

@@ -1,0 +1,74 @@
+"""Process-group setup and teardown for one rank: backend, device, CPU threads."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from bigbatch.config import DistributedConfig
+from bigbatch.launch.env import DistEnv, detect, export_env
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This rank's place in the job; `is_main` ranks write files and print."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ValueError("distributed.backend: nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+    return requested
+
+
+def set_cpu_threads(info: DistEnv) -> None:
+    """Share the cores between the ranks on this node; an explicit OMP_NUM_THREADS wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, info.local_world_size)))
+
+
+@contextlib.contextmanager
+def distributed_runtime(cfg: DistributedConfig) -> Iterator[Runtime]:
+    """Initialise the process group (if more than one rank) and always destroy it on the way out."""
+    info = detect()
+    backend = pick_backend(cfg.backend)
+    set_cpu_threads(info)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if info.world_size > 1:
+        export_env(info)
+        dist.init_process_group(backend, init_method="env://", rank=info.rank,
+                                world_size=info.world_size,
+                                timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        yield Runtime(info.rank, info.world_size, info.local_rank, device,
+                      backend if info.world_size > 1 else None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs that train in seconds on synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+REPO = Path(__file__).resolve().parents[1]
+
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.exists(),
+                                         reason="apt-get install dataset-fashion-mnist")
+
+
+def tiny_config(tmp_path: Path, **sections) -> dict:
+    """A synthetic-data MLP run of a few steps; keyword arguments replace whole sections' keys."""
+    raw = {
+        "run": {"name": "tiny", "out_dir": str(tmp_path / "runs"), "seed": 3, "max_steps": 5},
+        "data": {"name": "synthetic", "shape": [8], "num_classes": 3, "num_samples": 256,
+                 "val_fraction": 0.25},
+        "model": {"name": "mlp", "hidden": [16]},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "batch": {"global_batch": 16},
+        "metrics": {"tensorboard": False, "progress": "none"},
+    }
+    for key, values in sections.items():
+        raw.setdefault(key, {}).update(values)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
