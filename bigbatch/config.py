@@ -418,24 +418,3 @@ def split_batch(global_batch: int, world_size: int, micro_batch: int | None) -> 
             f"{per_rank / micro_batch:g}); choose a micro_batch dividing {per_rank} or a global_batch "
             f"that is a multiple of {world_size * micro_batch}")
     return micro_batch, per_rank // micro_batch
-
-
-def scheduled_batches(batch: BatchConfig) -> list[int]:
-    """Every global batch the configured schedule can produce (for validation before training)."""
-    sched = batch.schedule
-    if sched.kind == "ramp":
-        return list(range(sched.start, batch.global_batch + 1, sched.increment))
-    if sched.kind == "stages":
-        return sorted({s.batch for s in sched.stages} | {batch.global_batch})
-    return [batch.global_batch]
-
-
-def world_problems(cfg: Config, world_size: int) -> list[str]:
-    """Checks that need the world size: every scheduled batch must split over the ranks."""
-    problems = []
-    for global_batch in scheduled_batches(cfg.batch):
-        try:
-            split_batch(global_batch, world_size, cfg.batch.micro_batch)
-        except ValueError as err:
-            problems.append(str(err))
-    return problems

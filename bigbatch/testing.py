@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -35,7 +36,8 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # Pickled by value: torch's queue would share tensors through handles that die with the rank.
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report every failure to the parent, then die
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -76,4 +78,4 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.
     missing = sorted(set(range(world_size)) - set(outcomes))
     if missing:
         raise TimeoutError(f"ranks {missing} returned nothing within {timeout_s} s")
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.config import ConfigError, load_config, split_batch, world_problems
+from bigbatch.build import world_problems
+from bigbatch.config import ConfigError, load_config, split_batch
 from tests.conftest import REPO, tiny_config, write_config
 
 

@@ -1,0 +1,107 @@
+"""The composition root: turns a validated Config and a Runtime into a ready Trainer."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bigbatch.config import BatchConfig, Config, split_batch
+from bigbatch.data.registry import build_data
+from bigbatch.data.sampler import GlobalSampler
+from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
+from bigbatch.launch.runtime import Runtime
+from bigbatch.metrics import MetricsWriter, Progress
+from bigbatch.models.registry import build_model
+from bigbatch.optim.factory import build_optimizer
+from bigbatch.optim.batch_schedule import BatchSchedule
+from bigbatch.optim.lr_scaling import peak_lr
+from bigbatch.optim.lr_schedule import LRSchedule
+from bigbatch.trainer import Trainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_schedule_from(batch: BatchConfig) -> BatchSchedule:
+    sched = batch.schedule
+    return BatchSchedule(kind=sched.kind, target=batch.global_batch, start=sched.start,
+                         increment=sched.increment, ramp_samples=sched.ramp_samples,
+                         stages=tuple((s.until_samples, s.batch) for s in sched.stages))
+
+
+def world_problems(cfg: Config, world_size: int) -> list[str]:
+    """Checks that need the world size: every batch the schedule will use must split over the ranks."""
+    problems = []
+    for global_batch in batch_schedule_from(cfg.batch).all_batches():
+        try:
+            split_batch(global_batch, world_size, cfg.batch.micro_batch)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
+def total_samples(cfg: Config, train_size: int, batch_at: Callable[[int], int]) -> int:
+    """Length of the run in samples: the smallest of max_samples, epochs and max_steps."""
+    limits = []
+    if cfg.run.max_samples is not None:
+        limits.append(cfg.run.max_samples)
+    if cfg.run.epochs is not None:
+        limits.append(math.ceil(cfg.run.epochs * train_size))
+    if cfg.run.max_steps is not None:
+        samples = 0
+        for _ in range(cfg.run.max_steps):
+            samples += batch_at(samples)
+        limits.append(samples)
+    return min(limits)
+
+
+def lr_policy(cfg: Config, total: int) -> Callable[[int, int], float]:
+    """(samples seen, global batch) -> LR: the scaling rule gives the peak, the schedule shapes it."""
+    scaling, sched = cfg.optim.lr_scaling, cfg.lr
+    warmup = sched.warmup_samples if sched.warmup_samples is not None else int(sched.warmup_fraction * total)
+    schedule = LRSchedule(kind=sched.name, total_samples=total, warmup_samples=warmup,
+                          min_lr_ratio=sched.min_lr_ratio, decay_fraction=sched.decay_fraction,
+                          cycle_samples=sched.cycle_samples)
+
+    def lr_at(samples: int, global_batch: int) -> float:
+        peak = peak_lr(cfg.optim.lr, global_batch, scaling.rule, scaling.base_batch, scaling.knee_batch)
+        return peak * schedule.factor(samples)
+
+    return lr_at
+
+
+def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
+    if not runtime.distributed:
+        return SingleProcess(model)
+    if cfg.distributed.strategy != "ddp":
+        raise ValueError(f"distributed.strategy: '{cfg.distributed.strategy}' is not available yet; use ddp")
+    return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb)
+
+
+def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.run.seed)  # same init on every rank
+    data = build_data(cfg.data, cfg.run.seed)
+    model = build_model(cfg.model, data).to(runtime.device)
+    seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
+    strategy = build_strategy(cfg, model, runtime)
+    optimizer = build_optimizer(model, cfg.optim)
+    batch_at = batch_schedule_from(cfg.batch).batch_at
+    total = total_samples(cfg, len(data.train), batch_at)
+    return Trainer(
+        runtime=runtime, strategy=strategy, optimizer=optimizer, data=data,
+        sampler=GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size),
+        batch_at=batch_at, lr_at=lr_policy(cfg, total), micro_batch=cfg.batch.micro_batch,
+        total_samples=total, max_steps=cfg.run.max_steps,
+        metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
+        progress=Progress(cfg.metrics.progress if runtime.is_main else "none", total,
+                          cfg.metrics.log_every_steps),
+        eval_cfg=cfg.eval, grad_clip=cfg.optim.grad_clip, precision=cfg.precision)

@@ -1,0 +1,85 @@
+"""The `bigbatch` command line: parse, validate, call. Bad input exits with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bigbatch.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run configuration")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=0.2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigbatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train in this process (one rank under torchrun/srun/mpirun)")
+    _add_config_args(train)
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    launch = sub.add_parser("launch", help="start several ranks on this node (torch.distributed.run)")
+    _add_config_args(launch)
+    launch.add_argument("--nproc-per-node", type=int, default=1)
+    launch.add_argument("--nnodes", type=int, default=1)
+    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+
+    report = sub.add_parser("report", help="plot a run's metrics into PNG files")
+    report.add_argument("run_dir")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from bigbatch.build import world_problems
+    from bigbatch.launch.runtime import distributed_runtime
+    from bigbatch.run import run_training
+
+    with distributed_runtime(cfg.distributed) as runtime:
+        problems = world_problems(cfg, runtime.world_size)
+        if problems:
+            raise ConfigError(problems)
+        run_training(cfg, runtime)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    load_config(args.config, args.set)  # fail fast, before any rank starts
+    from bigbatch.launch.local import launch
+
+    train_args = [args.config] + [f"--set={item}" for item in args.set]
+    return launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, train_args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bigbatch.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"bigbatch: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bigbatch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,87 @@
+"""`optim.name` → a torch optimizer over two parameter groups.
+
+Biases and normalisation weights (every tensor with fewer than two dimensions) go into a group with
+no weight decay and `exclude_from_adaptation=True`, so LARS/LAMB treat them as plain SGD/Adam, as in
+the papers. `optim.decay_norm_and_bias: true` puts everything in one group instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bigbatch.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay, "exclude_from_adaptation": False}]
+    matrices = [p for p in params if p.ndim >= 2]
+    vectors = [p for p in params if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay, "exclude_from_adaptation": False}]
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0, "exclude_from_adaptation": True})
+    return groups
+
+
+def _eps(cfg: OptimConfig, default: float) -> float:
+    return default if cfg.eps is None else cfg.eps
+
+
+def _lars(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bigbatch.optim.lars import LARS
+
+    return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                trust_coefficient=cfg.trust_coefficient, eps=_eps(cfg, 1e-8), nesterov=cfg.nesterov,
+                clip=cfg.lars_clip, foreach=cfg.foreach)
+
+
+def _lamb(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bigbatch.optim.lamb import LAMB
+
+    return LAMB(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-6), weight_decay=cfg.weight_decay,
+                trust_clip=cfg.trust_clip, foreach=cfg.foreach)
+
+
+def _lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bigbatch.optim.lion import Lion
+
+    return Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _schedule_free(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bigbatch.optim.schedule_free import ScheduleFreeAdamW
+
+    return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-8),
+                             weight_decay=cfg.weight_decay)
+
+
+BUILDERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda g, c: torch.optim.SGD(g, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                        foreach=c.foreach),
+    "adam": lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=c.betas, eps=_eps(c, 1e-8), foreach=c.foreach),
+    "adamw": lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=c.betas, eps=_eps(c, 1e-8),
+                                            foreach=c.foreach),
+    "adagrad": lambda g, c: torch.optim.Adagrad(g, lr=c.lr, eps=_eps(c, 1e-10), foreach=c.foreach),
+    "rmsprop": lambda g, c: torch.optim.RMSprop(g, lr=c.lr, momentum=c.momentum, eps=_eps(c, 1e-8),
+                                                foreach=c.foreach),
+    "lars": _lars,
+    "lamb": _lamb,
+    "lion": _lion,
+    "schedule_free_adamw": _schedule_free,
+}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, **overrides: Any) -> torch.optim.Optimizer:
+    """Build `cfg.name` over the model's parameter groups; the LR is reset by the trainer each step."""
+    if cfg.name not in BUILDERS:
+        raise ValueError(f"optim.name: unknown optimizer '{cfg.name}'; choose one of {', '.join(BUILDERS)}")
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.impl == "apex":
+        from bigbatch.optim.apex_impl import build_apex_optimizer
+
+        return build_apex_optimizer(cfg.name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return BUILDERS[cfg.name](groups, cfg)
