@@ -1,0 +1,401 @@
+"""Checkpoints as self-describing `step-N/` directories that count only once `meta.json` exists.
+
+Layout under the checkpoint root (one run):
+
+    step-00000120/
+        replicated.pt        states identical on every rank (model, optimizer, schedules, counters),
+                             written once, by rank 0
+        rank-00000.pt        rank 0's own states (RNG streams, compression error feedback, ...)
+        rank-00001.pt        ... one file per rank of the world that saved
+        config.yaml          `files_extra`: text files stored beside the tensors (resolved config)
+        meta.json            written LAST: step, samples, world size, version, sha256 of every file
+
+A save writes everything into a hidden sibling `.tmp-step-00000120/`, renames it into place, and only
+then writes `meta.json` (itself atomically: temp file, fsync, rename). A directory without a readable
+`meta.json` whose checksums match is not a checkpoint, so a process killed at any moment (SIGKILL,
+node loss) leaves the previous checkpoint as the newest valid one. Re-saving an existing step moves
+the old directory aside to `.old-step-N/` first; until the new one is complete the aside copy still
+counts as a checkpoint of step N, so the root never lacks its newest valid checkpoint.
+
+The root must be on a filesystem every rank can see. Only rank 0 renames, deletes and prunes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+import bigbatch
+from bigbatch.checkpoint.stateful import Stateful
+
+logger = logging.getLogger(__name__)
+
+META = "meta.json"
+REPLICATED = "replicated.pt"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^(?:\.old-)?step-(\d{8,})$")
+_TMP_PREFIX, _OLD_PREFIX, _TRASH_PREFIX = ".tmp-", ".old-", ".trash-"
+_RESERVED_META = {"format", "step", "samples", "world_size", "created", "created_unix",
+                  "bigbatch_version", "torch_version", "files", "replicated_keys", "per_rank_keys"}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def _test_hook(point: str) -> None:
+    """No-op. Tests replace it to kill the process at a named point of a save:
+    'written' (all files in the temp dir), 'moved_aside' (old step-N renamed away), 'renamed' (temp
+    dir renamed to step-N, no meta.json yet)."""
+
+
+# ----------------------------------------------------------------------------------------- saving
+
+def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful],
+                    per_rank: Mapping[str, Stateful], *, rank: int, world_size: int,
+                    meta_extra: Mapping[str, Any] | None = None,
+                    files_extra: Mapping[str, str] | None = None,
+                    barrier: Callable[[], None] | None = None) -> Path:
+    """Save one checkpoint; every rank calls it with the same step. Returns the step directory.
+
+    `barrier` synchronises all ranks (e.g. `torch.distributed.barrier`); it may be left out only when
+    world_size is 1. It is called three times: after rank 0 prepared the temp dir, after every rank
+    wrote its file, and after rank 0 committed, so no rank returns before the checkpoint exists.
+    """
+    if barrier is None:
+        if world_size > 1:
+            raise ValueError("save_checkpoint: world_size > 1 needs a barrier (torch.distributed.barrier)")
+        barrier = _no_barrier
+    root = Path(root)
+    extra_meta = dict(meta_extra or {})
+    extra_files = dict(files_extra or {})
+    _check_extras(extra_meta, extra_files)
+    final = root / step_dir_name(step)
+    tmp = root / (_TMP_PREFIX + final.name)
+
+    if rank == 0:  # stale temp dirs can only come from a killed save; one save runs at a time
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root, (_TMP_PREFIX, _TRASH_PREFIX))
+        tmp.mkdir()
+    barrier()
+    if not tmp.is_dir():
+        raise RuntimeError(f"rank {rank} cannot see {tmp}; the checkpoint root must be on a filesystem "
+                           "shared by all ranks")
+    _save_states(tmp / rank_file_name(rank), per_rank)
+    if rank == 0:
+        _save_states(tmp / REPLICATED, replicated)
+        for name, text in extra_files.items():
+            _write_durably(tmp / name, text.encode("utf-8"))
+    barrier()
+    if rank == 0:
+        _test_hook("written")
+        meta = {"format": FORMAT_VERSION, "step": int(step), "samples": int(samples),
+                "world_size": int(world_size), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "created_unix": time.time(), "bigbatch_version": bigbatch.__version__,
+                "torch_version": torch.__version__,
+                "replicated_keys": sorted(replicated), "per_rank_keys": sorted(per_rank),
+                **extra_meta}
+        expected = [REPLICATED, *(rank_file_name(r) for r in range(world_size)), *extra_files]
+        _commit(tmp, final, meta, expected)
+    barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path, meta: dict, files: list[str]) -> None:
+    """Rank 0: checksum the temp dir, rename it to its final name, then write meta.json last."""
+    missing = [name for name in files if not (tmp / name).is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoint files missing in {tmp}: {missing}")
+    meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                     for name in files}
+    _fsync_dir(tmp)
+    aside = final.with_name(_OLD_PREFIX + final.name)
+    if final.exists():  # re-saving a step: keep the old copy findable until the new one is complete
+        if validate_checkpoint(final, checksums=False) is not None:
+            _remove_dir(final)  # an unfinished save of this step; an aside copy, if any, stays valid
+        else:
+            if aside.exists():
+                _remove_dir(aside)
+            final.rename(aside)
+            _fsync_dir(final.parent)
+            _test_hook("moved_aside")
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    _test_hook("renamed")
+    _write_durably(final / META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    if aside.exists():
+        _remove_dir(aside)
+
+
+def _save_states(path: Path, states: Mapping[str, Stateful]) -> None:
+    payload = {name: obj.state_dict() for name, obj in states.items()}
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_extras(meta_extra: dict, files_extra: dict) -> None:
+    clash = sorted(_RESERVED_META & set(meta_extra))
+    if clash:
+        raise ValueError(f"meta_extra may not set reserved keys {clash}")
+    json.dumps(meta_extra)  # fail before writing anything if it is not JSON-serialisable
+    for name in files_extra:
+        if (not name or name != Path(name).name or name.startswith(".") or name in (META, REPLICATED)
+                or re.fullmatch(r"rank-\d+\.pt", name)):
+            raise ValueError(f"files_extra name {name!r} must be a plain file name that does not start "
+                             f"with '.' and is not {META}, {REPLICATED} or rank-N.pt")
+
+
+# ------------------------------------------------------------------------------------- validation
+
+def validate_checkpoint(path: Path | str, *, checksums: bool = True) -> str | None:
+    """None when `path` is a complete checkpoint, else the reason it is not.
+
+    With checksums=False only presence and sizes are checked (cheap; catches truncation).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    meta, reason = _read_meta(path)
+    if reason:
+        return reason
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != meta["step"]:
+        return f"meta.json says step {meta['step']} but the directory is {path.name}"
+    files = meta["files"]
+    needed = [REPLICATED, *(rank_file_name(r) for r in range(meta["world_size"]))]
+    absent = [name for name in needed if name not in files]
+    if absent:
+        return f"meta.json lists no {', '.join(absent)} (data of the world size {meta['world_size']} missing)"
+    for name, info in files.items():
+        reason = _check_file(path / name, info, checksums)
+        if reason:
+            return reason
+    return None
+
+
+def _read_meta(path: Path) -> tuple[dict, str | None]:
+    meta_path = path / META
+    if not meta_path.is_file():
+        return {}, "missing meta.json (the save did not finish)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return {}, f"unreadable meta.json: {err}"
+    if not isinstance(meta, dict):
+        return {}, "unreadable meta.json: not a JSON object"
+    for key, kind in (("step", int), ("samples", int), ("world_size", int), ("files", dict)):
+        if not isinstance(meta.get(key), kind):
+            return {}, f"meta.json has no valid '{key}'"
+    if meta["world_size"] < 1:
+        return {}, f"meta.json has world_size {meta['world_size']}"
+    return meta, None
+
+
+def _check_file(path: Path, info: Any, checksum: bool) -> str | None:
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        return f"meta.json has no sha256 for {path.name}"
+    if not path.is_file():
+        return f"missing file {path.name}"
+    size = path.stat().st_size
+    if isinstance(info.get("bytes"), int) and size != info["bytes"]:
+        return f"{path.name} has {size} bytes, meta.json says {info['bytes']} (truncated or corrupted)"
+    if checksum and _sha256(path) != info["sha256"]:
+        return f"sha256 mismatch for {path.name} (corrupted)"
+    return None
+
+
+# ------------------------------------------------------------------------------ finding and resume
+
+def _candidates(root: Path) -> list[tuple[int, Path]]:
+    """Step directories under root, newest first; `step-N` before its aside copy `.old-step-N`."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), not child.name.startswith(_OLD_PREFIX), child))
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [(step, path) for step, _, path in found]
+
+
+def find_latest_valid(root: Path | str, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest valid checkpoint under root, or None. Each newer invalid one is reported through
+    `log` (default: logging.warning) with the reason it was skipped."""
+    report = log or logger.warning
+    for _, path in _candidates(Path(root)):
+        reason = validate_checkpoint(path)
+        if reason is None:
+            return path
+        report(f"skipping checkpoint {path}: {reason}")
+    return None
+
+
+def resolve_resume(root: Path | str, resume: str, log: Callable[[str], None] | None = None) -> Path | None:
+    """`checkpoint.resume` -> the directory to resume from, or None to start fresh.
+
+    auto: the newest valid checkpoint under root (None when there is none); never: None; anything
+    else is a path to a step directory (relative paths are tried as given, then under root) and
+    must be valid, else ValueError naming the key and the reason.
+    """
+    if resume == "auto":
+        return find_latest_valid(root, log)
+    if resume == "never":
+        return None
+    if not resume:
+        raise ValueError("checkpoint.resume: empty; use auto, never or a path to a step-N directory")
+    path = Path(resume).expanduser()
+    if not path.is_absolute() and not path.exists() and (Path(root) / path).exists():
+        path = Path(root) / path
+    reason = validate_checkpoint(path)
+    if reason is not None:
+        raise ValueError(f"checkpoint.resume: {path} is not a valid checkpoint: {reason}; "
+                         "use auto, never or a path to a complete step-N directory")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def load_checkpoint(path: Path | str, replicated: Mapping[str, Stateful], per_rank: Mapping[str, Stateful],
+                    *, rank: int, world_size: int, strict: bool = False) -> dict:
+    """Load a checkpoint into the given objects; returns its meta.json contents.
+
+    Every rank loads replicated.pt; rank r loads rank-r's file. Each file read is checked against its
+    sha256 first. When the saved world size differs from this one, per-rank states (RNG streams,
+    error feedback) have no owner to go to: they are skipped with a warning, or ValueError when
+    strict. An object whose key is missing from the checkpoint is likewise a warning (kept as is), or
+    ValueError when strict. States in the checkpoint that nobody asked for are ignored.
+    """
+    path = Path(path)
+    meta, reason = _read_meta(path)
+    if reason:
+        raise ValueError(f"cannot load {path}: {reason}")
+    _load_into(path, REPLICATED, meta, replicated, strict)
+    if not per_rank:
+        return meta
+    if meta["world_size"] != world_size:
+        message = (f"{path} was saved by {meta['world_size']} rank(s), this run has {world_size}: "
+                   f"per-rank states {sorted(per_rank)} are not restored")
+        if strict:
+            raise ValueError(message)
+        logger.warning(message)
+        return meta
+    _load_into(path, rank_file_name(rank), meta, per_rank, strict)
+    return meta
+
+
+def _load_into(path: Path, name: str, meta: dict, targets: Mapping[str, Stateful], strict: bool) -> None:
+    if not targets:
+        return
+    info = meta["files"].get(name)
+    reason = _check_file(path / name, info, checksum=True) if info is not None else f"meta lists no {name}"
+    if reason:
+        raise ValueError(f"cannot load {path}: {reason}")
+    states = torch.load(path / name, map_location="cpu", weights_only=True)
+    missing = sorted(set(targets) - set(states))
+    if missing:
+        message = f"{path / name} holds no state for {missing} (it has {sorted(states)})"
+        if strict:
+            raise ValueError(message)
+        logger.warning(message + "; those objects keep their current state")
+    for key, obj in targets.items():
+        if key in states:
+            obj.load_state_dict(states[key])
+
+
+# ---------------------------------------------------------------------------------------- pruning
+
+def prune_checkpoints(root: Path | str, keep_last: int) -> list[Path]:
+    """Rank 0, between saves: keep the newest `keep_last` valid checkpoints (<= 0 keeps all), delete
+    older valid ones, invalid ones not newer than the newest valid one, and leftovers of killed saves.
+    Never deletes the newest valid checkpoint, nor an invalid one newer than it (kept for inspection).
+    Returns the deleted directories."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = _remove_stale(root, (_TMP_PREFIX, _TRASH_PREFIX))
+    candidates = [(step, path, validate_checkpoint(path) is None) for step, path in _candidates(root)]
+    valid = [(step, path) for step, path, ok in candidates if ok]
+    if not valid:
+        return removed
+    newest_step, newest = valid[0]
+    names = {path.name for _, path in valid}  # an aside copy is redundant once its step-N is valid
+    valid = [(step, path) for step, path in valid
+             if not (path.name.startswith(_OLD_PREFIX) and path.name[len(_OLD_PREFIX):] in names)]
+    keep = {path for _, path in (valid[:keep_last] if keep_last > 0 else valid)} | {newest}
+    for step, path, ok in candidates:
+        if path in keep or (not ok and step > newest_step):
+            continue
+        _remove_dir(path)
+        removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------ filesystem helpers
+
+def _no_barrier() -> None:
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write via a temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of sight first, then delete: a kill mid-delete leaves a `.trash-*` dir, never a
+    half-deleted `step-N` that looks like a checkpoint."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale(root: Path, prefixes: Iterable[str]) -> list[Path]:
+    prefixes = tuple(prefixes)
+    stale = [child for child in root.iterdir() if child.name.startswith(prefixes) and child.is_dir()]
+    for child in stale:
+        shutil.rmtree(child, ignore_errors=True)
+    return stale
