@@ -1,0 +1,168 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2020, "Large Batch Optimization for Deep Learning").
+
+For every parameter tensor w with gradient g, at step t (counted per tensor, from 1), in a group with
+learning rate lr, betas (β1, β2), eps and weight decay λ:
+
+    m = β1·m + (1−β1)·g                 v = β2·v + (1−β2)·g²
+    m̂ = m / (1−β1^t)                    v̂ = v / (1−β2^t)      (bias_correction=False: m̂=m, v̂=v)
+    u = m̂ / (√v̂ + eps) + λ·w            (decoupled weight decay inside the update, as in the paper)
+    r = ‖w‖ / ‖u‖                       (r = 1 when ‖w‖ = 0 or ‖u‖ = 0, so zero-initialised tensors
+                                          move like AdamW; r = min(r, trust_clip) when trust_clip is set)
+    w -= lr · r · u
+
+Param groups with ``exclude_from_adaptation=True`` (biases, norms) use r = 1: AdamW with the group's
+own weight decay (0 from ``bigbatch.optim.factory``). There is no gradient clipping inside the
+optimizer; clip the global norm before ``step()`` if wanted.
+
+``norm_fn`` is the same hook as in :mod:`bigbatch.optim.lars`: a callable mapping a list of tensors
+to a 1-D tensor of their L2 norms, used for ‖w‖ and ‖u‖, so a sharded strategy can all-reduce
+squared norms over the shard group (see that module's docstring for the calling convention). Here it
+is called with ``params + updates`` per (group, device, dtype) bucket in the foreach path and with
+``[w, u]`` per tensor in the per-parameter path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from bigbatch.optim.lars import NormFn, group_by_device_dtype, local_norms, ratio_or_one
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB; see the module docstring for the exact update.
+
+    Args:
+        params: tensors or param groups; a group may set ``exclude_from_adaptation=True``.
+        lr: learning rate (the trainer overwrites ``group['lr']`` every step).
+        betas: Adam's (β1, β2).
+        eps: added to √v̂.
+        weight_decay: decoupled weight decay λ, part of the update u (so it is trust-scaled too).
+        bias_correction: Adam's bias correction of m and v.
+        trust_clip: upper bound of the trust ratio (None: unbounded).
+        foreach: multi-tensor ``torch._foreach_*`` path (default True); False runs a simple
+            per-parameter loop. May also be set per group.
+        norm_fn: list of tensors -> 1-D tensor of their L2 norms (default: local norms).
+    """
+
+    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 trust_clip: Optional[float] = None, foreach: Optional[bool] = None,
+                 norm_fn: Optional[NormFn] = None) -> None:
+        if lr < 0:
+            raise ValueError(f"lr: must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas: both must be in [0, 1), got {tuple(betas)}")
+        if eps < 0:
+            raise ValueError(f"eps: must be >= 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay}")
+        if trust_clip is not None and trust_clip <= 0:
+            raise ValueError(f"trust_clip: must be > 0 or None, got {trust_clip}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, trust_clip=trust_clip, foreach=foreach,
+                        exclude_from_adaptation=False)
+        super().__init__(params, defaults)
+        self.norm_fn: NormFn = norm_fn if norm_fn is not None else local_norms
+
+    def set_norm_fn(self, norm_fn: Optional[NormFn]) -> None:
+        """Use `norm_fn` (list of tensors -> 1-D tensor of L2 norms) for ‖w‖ and ‖u‖; None = local."""
+        self.norm_fn = norm_fn if norm_fn is not None else local_norms
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("exclude_from_adaptation", False)
+            group.setdefault("trust_clip", None)
+            group.setdefault("bias_correction", True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("LAMB does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = int(state["step"]) + 1
+            foreach = group["foreach"]
+            if foreach is None or foreach:
+                for bucket in group_by_device_dtype(params):
+                    self._foreach_update(group, bucket)
+            else:
+                for p in params:
+                    self._single_update(group, p)
+        return loss
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _corrections(self, group: dict, step: int) -> tuple[float, float]:
+        if not group["bias_correction"]:
+            return 1.0, 1.0
+        beta1, beta2 = group["betas"]
+        return 1.0 - beta1 ** step, 1.0 - beta2 ** step
+
+    def _ratio(self, group: dict, w_norm: Tensor, u_norm: Tensor) -> Tensor:
+        r = ratio_or_one(w_norm, u_norm, w_norm, u_norm)
+        if group["trust_clip"] is not None:
+            r = torch.clamp(r, max=group["trust_clip"])
+        return r
+
+    # ------------------------------------------------------------------ per-parameter path
+
+    def _single_update(self, group: dict, p: Tensor) -> None:
+        g = p.grad
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        bc1, bc2 = self._corrections(group, state["step"])
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.div(bc2).sqrt_().add_(group["eps"])
+        u = m.div(bc1).div_(denom)
+        if group["weight_decay"] != 0:
+            u.add_(p, alpha=group["weight_decay"])
+        if not group["exclude_from_adaptation"]:
+            norms = self.norm_fn([p, u])
+            u.mul_(self._ratio(group, norms[0:1], norms[1:2])[0].to(u.dtype))
+        p.add_(u, alpha=-group["lr"])
+
+    # ------------------------------------------------------------------ multi-tensor path
+
+    def _foreach_update(self, group: dict, params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        corrections = [self._corrections(group, s["step"]) for s in states]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = list(torch._foreach_div(v, [c[1] for c in corrections]))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        u = list(torch._foreach_div(m, [c[0] for c in corrections]))
+        torch._foreach_div_(u, denom)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(u, params, alpha=group["weight_decay"])
+        if not group["exclude_from_adaptation"]:
+            n = len(params)
+            norms = self.norm_fn(params + u)
+            ratios = self._ratio(group, norms[:n], norms[n:]).to(u[0].dtype)
+            torch._foreach_mul_(u, list(ratios.unbind(0)))
+        torch._foreach_add_(params, u, alpha=-group["lr"])
