@@ -9,10 +9,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bigbatch.config import BatchConfig, Config, split_batch
+from bigbatch.checkpoint.manager import CheckpointManager
+from bigbatch.checkpoint.stateful import Counters, RNGState
+from bigbatch.config import BatchConfig, Config, GuardConfig, split_batch
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
+from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
@@ -85,7 +88,15 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
     return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb)
 
 
+def build_guard(cfg: GuardConfig):
+    if not cfg.enabled:
+        return NullGuard()
+    return SpikeGuard(nan=cfg.nan, spike_factor=cfg.spike_factor, window=cfg.window,
+                      rollback=cfg.rollback, skip_batches=cfg.skip_batches)
+
+
 def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
+    """Everything a run needs, wired together; `trainer.checkpointer.resume()` restores a checkpoint."""
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)  # same init on every rank
@@ -96,12 +107,20 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim)
     batch_at = batch_schedule_from(cfg.batch).batch_at
     total = total_samples(cfg, len(data.train), batch_at)
+    sampler = GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size)
+    counters, guard = Counters(), build_guard(cfg.guard)
+    progress = Progress(cfg.metrics.progress, total, cfg.metrics.log_every_steps, active=runtime.is_main)
+    checkpointer = CheckpointManager(
+        cfg.checkpoint, cfg.run_dir, runtime,
+        replicated={"model": model, "optimizer": optimizer, "counters": counters, "sampler": sampler,
+                    "guard": guard},
+        per_rank={"rng": RNGState()},
+        meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
+        config_text=cfg.to_yaml(), log=progress.write)
     return Trainer(
-        runtime=runtime, strategy=strategy, optimizer=optimizer, data=data,
-        sampler=GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size),
+        runtime=runtime, strategy=strategy, optimizer=optimizer, data=data, sampler=sampler,
         batch_at=batch_at, lr_at=lr_policy(cfg, total), micro_batch=cfg.batch.micro_batch,
         total_samples=total, max_steps=cfg.run.max_steps,
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
-        progress=Progress(cfg.metrics.progress if runtime.is_main else "none", total,
-                          cfg.metrics.log_every_steps),
-        eval_cfg=cfg.eval, grad_clip=cfg.optim.grad_clip, precision=cfg.precision)
+        progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
+        precision=cfg.precision, guard=guard, counters=counters)

@@ -36,14 +36,15 @@ def read_metrics(path: Path) -> list[dict]:
 class Progress:
     """tqdm bar on a TTY, plain periodic lines otherwise (CI logs, Slurm output files)."""
 
-    def __init__(self, mode: str, total_samples: int, log_every: int, start_samples: int = 0):
-        self.log_every, self.bar = log_every, None
-        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.enabled = mode != "none"
+    def __init__(self, mode: str, total_samples: int, log_every: int, active: bool = True):
+        """`active` is False on every rank but the main one; mode "none" keeps only messages."""
+        self.log_every, self.bar, self.active = log_every, None, active
+        use_bar = active and (mode == "bar" or (mode == "auto" and sys.stderr.isatty()))
+        self.enabled = active and mode != "none"
         if use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_samples, initial=start_samples, unit="sample",
+            self.bar = tqdm(total=total_samples, unit="sample",
                             unit_scale=True, dynamic_ncols=True)
 
     def update(self, row: dict) -> None:
@@ -58,7 +59,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        elif self.enabled:
+        elif self.active:
             print(text, flush=True)
 
     def close(self) -> None:
@@ -70,18 +71,23 @@ class MetricsWriter:
     """Appends rows to RUN_DIR/metrics.jsonl and mirrors numeric values to TensorBoard."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled, self.path, self.tb = enabled, Path(run_dir) / METRICS_FILE, None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its rows
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+        self.enabled, self.path, self.tensorboard = enabled, Path(run_dir) / METRICS_FILE, tensorboard
+        self._fh, self.tb = None, None
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    def _open(self) -> None:
+        """Opened on the first row, so a resume can first drop rows newer than its checkpoint."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its rows
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
+        if self._fh is None:
+            self._open()
         self._fh.write(json.dumps(row, allow_nan=True) + "\n")
         if self.tb is not None:
             for key, value in row.items():
@@ -89,10 +95,12 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{prefix}/{key}", value, row["samples"])
 
     def close(self) -> None:
-        if self.enabled:
+        if self._fh is not None:
             self._fh.close()
-            if self.tb is not None:
-                self.tb.close()
+            self._fh = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 class StepTimer:

@@ -11,6 +11,7 @@ from bigbatch.launch.runtime import Runtime
 
 def run_training(cfg: Config, runtime: Runtime) -> dict:
     trainer = build_trainer(cfg, runtime)  # may raise ValueError before anything is written
+    trainer.checkpointer.resume()  # an invalid explicit checkpoint.resume path raises here too
     if runtime.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())

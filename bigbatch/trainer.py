@@ -9,22 +9,20 @@ from typing import Any, Callable
 
 import torch
 
+from bigbatch.checkpoint.stateful import Counters
 from bigbatch.config import split_batch
 from bigbatch.evaluate import evaluate, task_loss
+from bigbatch.guard import GuardAction, NullGuard
 
 
-@dataclass
-class Counters:
-    """Where the run stands: optimizer steps taken and training samples consumed."""
+class NoPreemption:
+    """Stand-in when no preemption signal handler is installed: never asks to stop."""
 
-    step: int = 0
-    samples: int = 0
+    installed = False
+    requested = False
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "samples": self.samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.samples = int(state["step"]), int(state["samples"])
+    def after_checkpoint(self) -> None:
+        pass
 
 
 @dataclass
@@ -42,45 +40,90 @@ class Trainer:
     metrics: Any              # MetricsWriter
     progress: Any             # Progress
     eval_cfg: Any             # EvalConfig
+    checkpointer: Any         # CheckpointManager
     grad_clip: float | None = None
     precision: str = "fp32"
-    checkpointer: Any = None  # object with maybe_save(trainer, final) and counters; None = off
+    guard: Any = field(default_factory=NullGuard)
+    preemption: Any = field(default_factory=NoPreemption)
+    after_step: list[Callable[["Trainer"], dict]] = field(default_factory=list)  # extra metrics
     counters: Counters = field(default_factory=Counters)
     last_eval: dict = field(default_factory=dict)
+    stopped_early: bool = False
 
     def fit(self) -> dict:
-        """Train until the sample or step budget is spent; returns the last metrics row."""
-        model, row = self.strategy.model, {}
-        model.train()
-        timer = time.perf_counter()
+        """Train until the sample or step budget is spent (or a preemption); returns the last row."""
+        self.strategy.model.train()
+        row, timer = {}, time.perf_counter()
         while not self.finished():
+            preempted, time_due = self.agreed_flags()
+            if preempted:  # all ranks saw the flag at the same step boundary
+                self.checkpointer.save(self.counters.step, self.counters.samples)
+                self.preemption.after_checkpoint()  # rank 0 requeues the job
+                self.stopped_early = True
+                return row
             batch = self.batch_at(self.counters.samples)
-            micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
             lr = self.set_lr(self.lr_at(self.counters.samples, batch))
-            indices = self.sampler.rank_indices(self.counters.samples, batch)
-            loss_sum = torch.zeros((), device=self.runtime.device)
-            for i, chunk in enumerate(indices.split(micro)):
-                x, y = (t.to(self.runtime.device) for t in self.data.train.batch(chunk))
-                with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
-                    loss = task_loss(model(x), y)
-                    (loss / accum).backward()  # mean over the rank's share of the global batch
-                loss_sum += loss.detach()
-            grad_norm = self.clip_gradients()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            # Every rank saw an equal share, so the mean of rank means is the global-batch mean.
-            mean_loss = self.strategy.all_reduce_mean(loss_sum / accum).item()
+            loss, action = self.forward_backward(batch)
+            if action is GuardAction.ROLLBACK:
+                self.rollback()
+                continue
+            grad_norm = self.optimizer_step() if action is GuardAction.OK else float("nan")
             self.counters.step += 1
             self.counters.samples += batch
             step_time, timer = time.perf_counter() - timer, time.perf_counter()
-            row = self.log_step(mean_loss, lr, batch, grad_norm, step_time)
+            row = self.log_step(loss, lr, batch, grad_norm, step_time, skipped=action is not GuardAction.OK)
             self.maybe_evaluate(final=False)
-            if self.checkpointer is not None:
-                self.checkpointer.maybe_save(self, final=False)
+            self.checkpointer.maybe_save(self.counters.step, self.counters.samples, time_due=time_due)
         self.maybe_evaluate(final=True)
-        if self.checkpointer is not None:
-            self.checkpointer.maybe_save(self, final=True)
+        self.checkpointer.maybe_save(self.counters.step, self.counters.samples, final=True)
         return {**row, **self.last_eval}
+
+    def forward_backward(self, batch: int) -> tuple[float, GuardAction]:
+        """Accumulate this rank's share of the global batch; returns the global mean loss."""
+        model = self.strategy.model
+        micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
+        indices = self.sampler.rank_indices(self.counters.samples, batch)
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        for i, chunk in enumerate(indices.split(micro)):
+            x, y = (t.to(self.runtime.device) for t in self.data.train.batch(chunk))
+            with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
+                loss = task_loss(model(x), y)
+                (loss / accum).backward()  # mean over the rank's share of the global batch
+            loss_sum += loss.detach()
+        # Every rank saw an equal share, so the mean of rank means is the global-batch mean, and every
+        # rank gets the same number: the guard's decision is the same everywhere.
+        mean_loss = self.strategy.all_reduce_mean(loss_sum / accum).item()
+        return mean_loss, self.guard.check(mean_loss, self.counters.step + 1)
+
+    def optimizer_step(self) -> float:
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def agreed_flags(self) -> tuple[bool, bool]:
+        """(preempt, time-based checkpoint due), OR-ed over all ranks; no collective when unused."""
+        if not (self.preemption.installed or self.checkpointer.cfg.every_minutes):
+            return False, False
+        flags = torch.tensor([self.preemption.requested, self.checkpointer.time_due()], dtype=torch.float32,
+                             device=self.runtime.device)
+        preempt, time_due = (self.strategy.all_reduce_max(flags) > 0).tolist()
+        return preempt, time_due
+
+    def rollback(self) -> None:
+        """Loss spike: reload the latest checkpoint, then skip the batches the guard asks to skip."""
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self.checkpointer.latest()
+        if path is None:  # nothing to go back to: treat the spike as a skipped step
+            self.counters.samples += self.batch_at(self.counters.samples)
+            self.counters.step += 1
+            return
+        meta = self.checkpointer.load(path)
+        skipped = self.guard.after_rollback(meta["step"])
+        while self.guard.take_skip():
+            self.counters.samples += self.batch_at(self.counters.samples)
+        self.metrics.write({"kind": "guard", "event": "rollback", "step": meta["step"],
+                            "samples": self.counters.samples, "skipped_batches": skipped})
 
     def finished(self) -> bool:
         if self.max_steps is not None and self.counters.step >= self.max_steps:
@@ -102,11 +145,16 @@ class Trainer:
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
 
-    def log_step(self, loss: float, lr: float, batch: int, grad_norm: float, step_time: float) -> dict:
+    def log_step(self, loss: float, lr: float, batch: int, grad_norm: float, step_time: float,
+                 skipped: bool) -> dict:
         row = {"step": self.counters.step, "samples": self.counters.samples,
                "epoch": self.counters.samples / len(self.data.train), "loss": loss, "lr": lr,
                "global_batch": batch, "grad_norm": grad_norm, "step_time_s": step_time,
                "samples_per_s": batch / step_time if step_time > 0 else 0.0, "time": time.time()}
+        if skipped:
+            row["skipped"] = True
+        for hook in self.after_step:
+            row.update(hook(self))
         self.metrics.write(row)
         self.progress.update(row)
         return row

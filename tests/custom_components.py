@@ -9,15 +9,18 @@ from torch import nn
 
 
 class DyingMLP(nn.Module):
-    """An MLP whose rank `die_rank` SIGKILLs itself on its `die_at`-th forward pass (a crashed node)."""
+    """An MLP with dropout whose rank `die_rank` SIGKILLs itself on its `die_at`-th training forward
+    pass (a crashed node); die_at=0 never dies."""
 
-    def __init__(self, d_in: int, classes: int, die_rank: int, die_at: int):
+    def __init__(self, d_in: int, classes: int, die_rank: int = 0, die_at: int = 0, dropout: float = 0.1):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, classes))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(16, classes))
         self.die_rank, self.die_at, self.calls = die_rank, die_at, 0
 
     def forward(self, x):
-        self.calls += 1
-        if self.training and self.calls == self.die_at and int(os.environ.get("RANK", 0)) == self.die_rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.die_at and int(os.environ.get("RANK", 0)) == self.die_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
         return self.net(x)

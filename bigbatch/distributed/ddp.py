@@ -30,6 +30,9 @@ class SingleProcess:
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
 
 class DDPStrategy(SingleProcess):
     """torch DistributedDataParallel; gradient all-reduce on the last micro-batch only."""
@@ -51,3 +54,7 @@ class DDPStrategy(SingleProcess):
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_sum(tensor).div_(self.world_size)
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor

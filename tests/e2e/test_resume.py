@@ -1,0 +1,66 @@
+"""Kill a 2-rank run with SIGKILL at a random step, resume it, and get bitwise the same losses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.conftest import tiny_config, write_config
+from tests.e2e.test_cli_launch import bigbatch
+
+pytestmark = pytest.mark.e2e
+
+STEPS, EVERY = 12, 3
+
+
+def losses(run_dir) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in rows if r.get("kind", "train") == "train"]
+
+
+def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1):
+    model = {"name": "tests.custom_components:DyingMLP",
+             "kwargs": {"d_in": 8, "classes": 3, "die_rank": kill_rank, "die_at": die_at}}
+    raw = tiny_config(tmp_path, run={"name": name, "max_steps": STEPS}, batch=batch, model=model,
+                      optim={"name": "adamw", "lr": 0.01}, lr={"name": "cosine", "warmup_samples": 32},
+                      checkpoint={"every_steps": EVERY, "keep_last": 2})
+    config = write_config(tmp_path / f"{name}.yaml", raw)
+    return bigbatch("launch", "--nproc-per-node", "2", str(config), "--set", "distributed.timeout_s=60")
+
+
+BATCHES = {
+    "plain": {"global_batch": 16},
+    "accumulation": {"global_batch": 16, "micro_batch": 4},  # 2 micro-batches per rank
+    "ramp": {"global_batch": 32, "schedule": {"kind": "ramp", "start": 8, "increment": 8,
+                                               "ramp_samples": 96}},
+}
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
+    batch = BATCHES[kind]
+    accum = 2 if "micro_batch" in batch else 1
+    kill_step = random.Random(kind).randint(EVERY + 1, STEPS - 1)
+    reference = run(tmp_path, "reference", batch, die_at=0)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    # Rank 1 dies on the first micro-batch of kill_step; the newest checkpoint is older than that.
+    killed = run(tmp_path, "resumed", batch, die_at=(kill_step - 1) * accum + 1)
+    assert killed.returncode != 0
+    resumed = run(tmp_path, "resumed", batch, die_at=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    expected = losses(tmp_path / "runs" / "reference")
+    assert [s for s, _, _ in expected] == list(range(1, STEPS + 1))
+    assert losses(tmp_path / "runs" / "resumed") == expected  # bitwise: same floats, no duplicate step
+
+
+def test_invalid_explicit_resume_path_exits_2(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    result = bigbatch("train", str(config), "--set", f"checkpoint.resume={tmp_path / 'step-00000003'}")
+    assert result.returncode == 2
+    assert "checkpoint.resume" in result.stderr
+    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
