@@ -65,19 +65,23 @@ def total_samples(cfg: Config, train_size: int, batch_at: Callable[[int], int]) 
     return min(limits)
 
 
-def lr_policy(cfg: Config, total: int) -> Callable[[int, int], float]:
+class LRPolicy:
     """(samples seen, global batch) -> LR: the scaling rule gives the peak, the schedule shapes it."""
-    scaling, sched = cfg.optim.lr_scaling, cfg.lr
-    warmup = sched.warmup_samples if sched.warmup_samples is not None else int(sched.warmup_fraction * total)
-    schedule = LRSchedule(kind=sched.name, total_samples=total, warmup_samples=warmup,
-                          min_lr_ratio=sched.min_lr_ratio, decay_fraction=sched.decay_fraction,
-                          cycle_samples=sched.cycle_samples)
 
-    def lr_at(samples: int, global_batch: int) -> float:
-        peak = peak_lr(cfg.optim.lr, global_batch, scaling.rule, scaling.base_batch, scaling.knee_batch)
-        return peak * schedule.factor(samples)
+    def __init__(self, cfg: Config, total: int):
+        sched = cfg.lr
+        warmup = sched.warmup_samples if sched.warmup_samples is not None else int(sched.warmup_fraction * total)
+        self.scaling, self.base_lr = cfg.optim.lr_scaling, cfg.optim.lr
+        self.schedule = LRSchedule(kind=sched.name, total_samples=total, warmup_samples=warmup,
+                                   min_lr_ratio=sched.min_lr_ratio, decay_fraction=sched.decay_fraction,
+                                   cycle_samples=sched.cycle_samples)
 
-    return lr_at
+    def peak(self, global_batch: int) -> float:
+        return peak_lr(self.base_lr, global_batch, self.scaling.rule, self.scaling.base_batch,
+                       self.scaling.knee_batch)
+
+    def __call__(self, samples: int, global_batch: int) -> float:
+        return self.peak(global_batch) * self.schedule.factor(samples)
 
 
 def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
@@ -119,7 +123,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         config_text=cfg.to_yaml(), log=progress.write)
     return Trainer(
         runtime=runtime, strategy=strategy, optimizer=optimizer, data=data, sampler=sampler,
-        batch_at=batch_at, lr_at=lr_policy(cfg, total), micro_batch=cfg.batch.micro_batch,
+        batch_at=batch_at, lr_at=LRPolicy(cfg, total), micro_batch=cfg.batch.micro_batch,
         total_samples=total, max_steps=cfg.run.max_steps,
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,

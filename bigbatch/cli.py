@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--node-rank", type=int, default=0)
     launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
 
+    lr_find = sub.add_parser("lr-find", help="LR range test: sweep the LR exponentially, suggest one")
+    _add_config_args(lr_find)
+    lr_find.add_argument("--min-lr", type=float, default=1e-5)
+    lr_find.add_argument("--max-lr", type=float, default=10.0)
+    lr_find.add_argument("--steps", type=int, default=100)
+
     report = sub.add_parser("report", help="plot a run's metrics into PNG files")
     report.add_argument("run_dir")
     return parser
@@ -62,6 +68,20 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, train_args)
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from bigbatch.launch.runtime import distributed_runtime
+    from bigbatch.lr_find import run_lr_find
+
+    with distributed_runtime(cfg.distributed) as runtime:
+        result = run_lr_find(cfg, runtime, args.min_lr, args.max_lr, args.steps)
+    if runtime.is_main:
+        print(f"lr-find: {len(result['losses'])} steps from {args.min_lr:g}; "
+              f"suggested lr {result['suggested_lr']:.4g} (for global batch {cfg.batch.global_batch}); "
+              f"plot {result['plot']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report import write_report
 
@@ -70,7 +90,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "lr-find": cmd_lr_find, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

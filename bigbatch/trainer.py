@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,7 +34,7 @@ class Trainer:
     data: Any                 # DataBundle
     sampler: Any              # GlobalSampler
     batch_at: Callable[[int], int]          # samples seen -> global batch
-    lr_at: Callable[[int, int], float]      # (samples seen, global batch) -> LR
+    lr_at: Any                # LRPolicy: (samples seen, global batch) -> LR, .peak(batch)
     micro_batch: int | None
     total_samples: int
     max_steps: int | None
@@ -49,6 +50,8 @@ class Trainer:
     counters: Counters = field(default_factory=Counters)
     last_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
+    current_batch: int | None = None
+    last_loss: float = math.nan
 
     def fit(self) -> dict:
         """Train until the sample or step budget is spent (or a preemption); returns the last row."""
@@ -62,8 +65,10 @@ class Trainer:
                 self.stopped_early = True
                 return row
             batch = self.batch_at(self.counters.samples)
+            self.announce_batch(batch)
             lr = self.set_lr(self.lr_at(self.counters.samples, batch))
             loss, action = self.forward_backward(batch)
+            self.last_loss = loss
             if action is GuardAction.ROLLBACK:
                 self.rollback()
                 continue
@@ -125,6 +130,31 @@ class Trainer:
         self.metrics.write({"kind": "guard", "event": "rollback", "step": meta["step"],
                             "samples": self.counters.samples, "skipped_batches": skipped})
 
+    def announce_batch(self, batch: int) -> None:
+        """Log the derived per-rank split and peak LR at the start and whenever the batch changes."""
+        if batch == self.current_batch:
+            return
+        micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
+        event = {"kind": "batch_change", "step": self.counters.step, "samples": self.counters.samples,
+                 "global_batch": batch, "micro_batch": micro, "accumulation": accum,
+                 "peak_lr": self.lr_at.peak(batch)}
+        self.current_batch = batch
+        self.metrics.write(event, prefix="batch")
+        self.progress.write(f"global batch {batch} = {self.runtime.world_size} ranks x {accum} micro-batches "
+                            f"x {micro}; peak lr {event['peak_lr']:.4g}")
+
+    @contextlib.contextmanager
+    def evaluation_weights(self):
+        """Schedule-free optimizers evaluate at their averaged point x, not at the training point y."""
+        switch = callable(getattr(self.optimizer, "eval", None))
+        if switch:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if switch:
+                self.optimizer.train()
+
     def finished(self) -> bool:
         if self.max_steps is not None and self.counters.step >= self.max_steps:
             return True
@@ -164,9 +194,10 @@ class Trainer:
         due = self.eval_cfg.at_end if final else (every is not None and step % every == 0)
         if not due or (final and self.last_eval.get("step") == step):
             return
-        result = evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
-                          self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
-                          self.eval_cfg.max_batches, self.runtime.device, self.autocast)
+        with self.evaluation_weights():
+            result = evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
+                              self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
+                              self.eval_cfg.max_batches, self.runtime.device, self.autocast)
         self.last_eval = {"step": step, "samples": self.counters.samples, **result}
         self.metrics.write({"kind": "eval", **self.last_eval}, prefix="eval")
         self.progress.write("eval " + "  ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))

@@ -1,0 +1,83 @@
+"""`bigbatch lr-find CONFIG`: an LR range test with the run's own model, data, batch and optimizer.
+
+The LR grows exponentially from --min-lr to --max-lr over --steps optimizer steps (the configured
+schedule and scaling rule are bypassed), the sweep stops once the loss diverges, and the suggested
+LR is where the smoothed loss falls fastest. Nothing of the real run is touched: no checkpoints,
+no metrics.jsonl; only RUN_DIR/lr_find.png (and lr_find.json) are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bigbatch.build import build_trainer
+from bigbatch.config import Config
+from bigbatch.launch.runtime import Runtime
+from bigbatch.metrics import MetricsWriter
+from bigbatch.optim.lr_finder import exponential_lrs, is_diverged, suggest_lr
+
+
+class SweepLR:
+    """The LR of sweep step i, whatever the sample count; `peak` is the largest LR of the sweep."""
+
+    def __init__(self, lrs: list[float], counters):
+        self.lrs, self.counters = lrs, counters
+
+    def peak(self, global_batch: int) -> float:
+        return self.lrs[-1]
+
+    def __call__(self, samples: int, global_batch: int) -> float:
+        return self.lrs[min(self.counters.step, len(self.lrs) - 1)]
+
+
+def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, steps: int) -> dict:
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.max_steps, cfg.run.max_samples, cfg.run.epochs = steps, None, None
+    cfg.checkpoint.at_end, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes = False, None, None
+    cfg.checkpoint.resume = "never"
+    cfg.eval.at_end, cfg.eval.every_steps = False, None
+    trainer = build_trainer(cfg, runtime)
+    trainer.metrics = MetricsWriter(cfg.run_dir, enabled=False, tensorboard=False)
+    lrs = exponential_lrs(min_lr, max_lr, steps)
+    trainer.lr_at = SweepLR(lrs, trainer.counters)
+    losses: list[float] = []
+
+    def record(t) -> dict:  # after each step: keep the loss, stop the sweep once it diverged
+        loss = t.last_loss
+        if is_diverged(loss, min(losses, default=math.inf)):
+            t.max_steps = t.counters.step
+        losses.append(loss)
+        return {}
+
+    trainer.after_step.append(record)
+    trainer.fit()
+    trainer.progress.close()
+    tried = lrs[:len(losses)]
+    result = {"lrs": tried, "losses": losses, "suggested_lr": suggest_lr(tried, losses)}
+    if runtime.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "lr_find.json").write_text(json.dumps(result))
+        result["plot"] = str(plot_sweep(result, cfg.run_dir / "lr_find.png"))
+    return result
+
+
+def plot_sweep(result: dict, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["lrs"], result["losses"], marker=".")
+    ax.axvline(result["suggested_lr"], color="tab:red", linestyle="--",
+               label=f"suggested {result['suggested_lr']:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
