@@ -1,4 +1,4 @@
-"""One rank's whole run: prepare the run directory, build the trainer, train, summarise."""
+"""One rank's whole run: build, resume, train, summarise; preemption signals end it cleanly."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from bigbatch.build import build_trainer
 from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
+from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals
 
 
 def run_training(cfg: Config, runtime: Runtime) -> dict:
@@ -18,16 +19,29 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
         trainer.progress.write(f"bigbatch: {cfg.run.name}: {runtime.world_size} rank(s), "
                                f"{trainer.total_samples} samples, model {cfg.model.name}, "
                                f"optimizer {cfg.optim.name}")
+    # USR1 (Slurm's time-limit warning) and TERM (preemption) only set a flag; at the next step
+    # boundary all ranks checkpoint together and rank 0 requeues the job when under Slurm.
+    trainer.preemption = PreemptionHandler(preemption_signals(cfg.slurm.signal), rank=runtime.rank,
+                                           requeue=cfg.slurm.requeue, log=trainer.progress.write)
     start = time.perf_counter()
     try:
-        result = trainer.fit()
+        with trainer.preemption:
+            result = trainer.fit()
     finally:
         trainer.progress.close()
         trainer.metrics.close()
     if runtime.is_main:
-        elapsed = time.perf_counter() - start
-        extras = "  ".join(f"{k} {result[k]:.4f}" for k in ("loss", "val_loss", "val_accuracy", "val_ppl")
-                           if k in result)
-        print(f"done: {trainer.counters.step} steps, {trainer.counters.samples} samples in "
-              f"{elapsed:.1f} s  {extras}  -> {cfg.run_dir}", flush=True)
+        summarise(cfg, trainer, result, time.perf_counter() - start)
     return result
+
+
+def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
+    if trainer.stopped_early:
+        requeued = "; job requeued" if trainer.preemption.requeued else ""
+        print(f"preempted: checkpoint at step {trainer.counters.step} saved{requeued}; "
+              f"rerun (or let Slurm restart) the same command to resume", flush=True)
+        return
+    extras = "  ".join(f"{k} {result[k]:.4f}" for k in ("loss", "val_loss", "val_accuracy", "val_ppl")
+                       if k in result)
+    print(f"done: {trainer.counters.step} steps, {trainer.counters.samples} samples in "
+          f"{elapsed:.1f} s  {extras}  -> {cfg.run_dir}", flush=True)

@@ -24,3 +24,20 @@ class DyingMLP(nn.Module):
             if self.calls == self.die_at and int(os.environ.get("RANK", 0)) == self.die_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
         return self.net(x)
+
+
+class SignallingMLP(nn.Module):
+    """An MLP whose rank 1 sends SIGUSR1 to itself during its `signal_at`-th training forward (as
+    Slurm signals a job before its time limit); signal_at=0 never signals."""
+
+    def __init__(self, d_in: int, classes: int, signal_at: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, classes))
+        self.signal_at, self.calls = signal_at, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.signal_at and int(os.environ.get("RANK", 0)) == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return self.net(x)

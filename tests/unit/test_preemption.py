@@ -1,0 +1,107 @@
+"""PreemptionHandler: a signal only sets a flag; ranks agree by a max; rank 0 builds the requeue."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals
+
+
+def test_signal_only_sets_the_flag():
+    handler = PreemptionHandler()
+    previous = signal.getsignal(signal.SIGUSR1)
+    with handler:
+        assert not handler.requested
+        os.kill(os.getpid(), signal.SIGUSR1)  # Python runs the handler before the next bytecode
+        assert handler.requested and handler.received == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # the process is still alive: TERM is a flag too
+        assert handler.received == signal.SIGUSR1  # the first signal is the one kept
+    assert signal.getsignal(signal.SIGUSR1) is previous  # uninstalled on exit
+
+
+def test_agreement_is_the_max_over_ranks():
+    quiet, signalled = PreemptionHandler(), PreemptionHandler()
+    signalled.received = signal.SIGUSR1
+    flags = []
+
+    def fake_all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+        # Stands in for a 2-rank all-reduce(MAX): this rank's flag against the other rank's.
+        flags.append(tensor.item())
+        return torch.maximum(tensor, torch.tensor([1.0]))
+
+    assert quiet.agreed(fake_all_reduce_max)  # another rank saw the signal
+    assert flags == [0.0]
+    assert signalled.agreed(lambda t: t)      # single process: identity
+    assert not quiet.agreed(lambda t: t)
+
+
+class Recorder:
+    def __init__(self, returncode: int = 0):
+        self.calls, self.returncode = [], returncode
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(argv)
+        assert kwargs["timeout"] > 0
+        return subprocess.CompletedProcess(argv, self.returncode, "", "error: Job is pending")
+
+
+def test_requeue_runs_scontrol_requeue_with_the_job_id():
+    runner = Recorder()
+    assert PreemptionHandler.requeue_job({"SLURM_JOB_ID": "77"}, runner=runner)
+    assert runner.calls == [["scontrol", "requeue", "77"]]
+
+
+def test_array_job_is_requeued_as_arrayid_taskid():
+    runner = Recorder()
+    env = {"SLURM_JOB_ID": "81", "SLURM_ARRAY_JOB_ID": "80", "SLURM_ARRAY_TASK_ID": "1"}
+    assert PreemptionHandler.requeue_job(env, runner=runner)
+    assert runner.calls == [["scontrol", "requeue", "80_1"]]
+
+
+def test_only_rank_zero_under_slurm_requeues():
+    runner = Recorder()
+    assert not PreemptionHandler.requeue_job({"SLURM_JOB_ID": "77"}, rank=1, runner=runner)
+    assert not PreemptionHandler.requeue_job({}, runner=runner)  # not a Slurm job
+    assert runner.calls == []
+
+
+def test_refused_requeue_returns_false_and_says_why():
+    messages = []
+    assert not PreemptionHandler.requeue_job({"SLURM_JOB_ID": "5"}, runner=Recorder(1),
+                                             log=messages.append)
+    assert messages == ["cannot requeue: scontrol requeue 5 exited 1: error: Job is pending"]
+
+
+def test_restart_count():
+    assert PreemptionHandler.restart_count({}) == 0
+    assert PreemptionHandler.restart_count({"SLURM_RESTART_COUNT": "2"}) == 2
+
+
+@pytest.mark.parametrize("spec,expected", [("USR1@120", ("USR1", "TERM")), ("SIGUSR2@60", ("USR2", "TERM")),
+                                           ("TERM@30", ("TERM",)), ("R:USR1", ("USR1", "TERM"))])
+def test_preemption_signals_follow_slurm_signal(spec, expected):
+    assert preemption_signals(spec) == expected
+    PreemptionHandler(expected)  # every name resolves to a signal number
+
+
+def test_after_checkpoint_requeues_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(PreemptionHandler, "requeue_job",
+                        classmethod(lambda cls, env=None, *, rank=0, runner=None, log=None:
+                                    calls.append(rank) or True))
+    assert PreemptionHandler(rank=0).after_checkpoint()
+    assert not PreemptionHandler(rank=0, requeue=False).after_checkpoint()
+    assert calls == [0]
+
+
+def test_installed_reflects_install_and_uninstall():
+    handler = PreemptionHandler(["USR2"])
+    assert not handler.installed
+    with handler:
+        assert handler.installed
+    assert not handler.installed
