@@ -1,0 +1,40 @@
+"""Build a compressor from its config name and settings.
+
+`method` is one of none | fp16 | bf16 | powersgd | torch_powersgd. The first four give a
+`Compressor` to register with `ddp_hook.register_compression_hook` (or to call directly, e.g. on
+DiLoCo pseudo-gradients). `torch_powersgd` is torch's own DDP hook, not a `Compressor`: this returns
+None for it and the caller registers it with `torch_powersgd.register_torch_powersgd` instead.
+Settings are PowerSGD's constructor arguments (rank, start_step, min_compression_rate,
+error_feedback, warm_start, orthogonalization, seed), so the whole `compression` config section can be
+passed whatever the method; the other methods ignore them. An unknown setting is an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from bigbatch.compression.base import Compressor, LowPrecision, NoCompression
+from bigbatch.compression.powersgd import PowerSGD
+
+METHODS = ("none", "fp16", "bf16", "powersgd", "torch_powersgd")
+POWERSGD_SETTINGS = tuple(inspect.signature(PowerSGD).parameters)
+
+
+def build_compressor(method: str, **settings: Any) -> Compressor | None:
+    """The compressor for `method` (None for torch_powersgd: see the module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+    unknown = sorted(set(settings) - set(POWERSGD_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown compression setting(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(POWERSGD_SETTINGS)}")
+    if method == "torch_powersgd":
+        return None
+    if method == "powersgd":
+        return PowerSGD(**settings)
+    if method == "none":
+        return NoCompression()
+    return LowPrecision(torch.float16 if method == "fp16" else torch.bfloat16)

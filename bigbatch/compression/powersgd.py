@@ -1,0 +1,261 @@
+"""PowerSGD: rank-r gradient compression with error feedback (Vogels et al., NeurIPS 2019).
+
+Each matrix-shaped gradient M (n x m; a >2-D tensor is viewed as (shape[0], -1)) is replaced, on
+every rank, by the same rank-r approximation of the average of the ranks' M:
+
+    M += error                       error feedback: what earlier steps failed to send
+    P  = M Q                         Q: m x r, the same on every rank (warm: last step's Q)
+    P  = all_reduce_sum(P)           kind powersgd_p   (n*r elements)
+    P  = orthogonalize(P)            the sum's scale does not matter, so no division
+    Q  = M^T P
+    Q  = all_reduce_sum(Q) / N       kind powersgd_q   (m*r elements); now Q = mean(M)^T P
+    M' = P Q^T                       = P P^T mean(M): mean(M) projected on span(P)
+    error = M - M'                   per rank, kept for the next step
+
+Tuning guide
+------------
+- `rank` sets the compression: a gradient shrinks from n*m to (n+m)*r elements. r=1..4 is typical;
+  raise it when the loss lags the uncompressed run.
+- `start_step`: plain all-reduce (`grad_allreduce`) for steps < start_step. Early training is the
+  most sensitive to biased gradients; a few hundred plain steps often recover full accuracy.
+- `min_compression_rate`: a tensor is compressed only if n*m / ((n+m)*r) >= this rate. The rest
+  (and every 1-D tensor: biases, norms) is averaged exactly in one flat all-reduce per call (kind
+  `powersgd_uncompressed`), started first so it overlaps the compression work.
+- `error_feedback`: keep on. PowerSGD is biased; the residual carried to the next step makes the sum
+  of applied updates track the sum of true gradients. Costs one gradient-sized buffer per rank.
+- `warm_start`: keep on. Reusing last step's Q makes each step one more power iteration, so the
+  approximation improves over steps on slowly-changing gradients. Costs the Q matrices.
+- `orthogonalization`: `gram_schmidt` (default, fine for small r, works in half precision) or `qr`
+  (LAPACK/cuSOLVER; usually faster for r > 4; half precision falls back to Gram-Schmidt).
+- `seed`: initial Q matrices. Every Q draw comes from a `torch.Generator` seeded by a hash of
+  (seed, parameter name, how many Qs that name drew before), so every rank draws the same Q, and the
+  draw does not depend on the order or grouping (DDP buckets) in which parameters arrive.
+
+Communication per call: one P and one Q all-reduce for all compressed tensors (per device and dtype),
+plus one for the uncompressed rest. Called once per DDP bucket (`ddp_hook`), that is per bucket.
+
+State (`state_dict`): `step`, `rank`, `seed`, and per parameter NAME: `errors` (this rank's
+residual), `q_t` (the warm Q, stored transposed as (r, m)) and `draws` (Q draws so far). It restores
+exactly, bit for bit, whatever the bucket layout of the resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bigbatch.compression.base import (Compressor, NamedGrads, all_reduce_flat,
+                                       all_reduce_flat_async, payload_bytes)
+from bigbatch.distributed.comm import Communicator
+
+ORTHOGONALIZATIONS = ("gram_schmidt", "qr")
+
+
+def q_seed(seed: int, name: str, draw: int) -> int:
+    """The generator seed of the `draw`-th Q of parameter `name` (stable across processes)."""
+    digest = hashlib.blake2b(f"{seed}:{name}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def gram_schmidt_(matrices: Tensor) -> Tensor:
+    """Orthonormalize the columns of each matrix of a (B, n, r) batch in place (modified
+    Gram-Schmidt; a zero column stays zero instead of becoming NaN)."""
+    tiny = torch.finfo(matrices.dtype).tiny
+    for i in range(matrices.shape[2]):
+        col = matrices[:, :, i:i + 1]
+        col.div_(torch.linalg.vector_norm(col, dim=1, keepdim=True).clamp_min_(tiny))
+        if i + 1 < matrices.shape[2]:
+            rest = matrices[:, :, i + 1:]
+            rest.sub_((col * rest).sum(dim=1, keepdim=True) * col)
+    return matrices
+
+
+def orthogonalize_(matrices: Tensor, method: str) -> Tensor:
+    """Orthonormalize a (B, n, r) batch of column blocks in place."""
+    if method == "qr" and matrices.dtype not in (torch.float16, torch.bfloat16):
+        matrices.copy_(torch.linalg.qr(matrices).Q)
+        return matrices
+    return gram_schmidt_(matrices)
+
+
+@dataclass
+class _Matrix:
+    """One gradient being compressed this call."""
+
+    name: str
+    grad: Tensor  # the caller's tensor; receives the approximation
+    mat: Tensor  # (n, m) contiguous working view (of grad, or of a contiguous copy)
+    r: int
+
+
+class PowerSGD(Compressor):
+    """Rank-`rank` PowerSGD with error feedback and warm start; see the module docstring."""
+
+    def __init__(self, rank: int = 2, start_step: int = 10, min_compression_rate: float = 2.0,
+                 error_feedback: bool = True, warm_start: bool = True,
+                 orthogonalization: str = "gram_schmidt", seed: int = 0):
+        super().__init__()
+        problems = []
+        if not (isinstance(rank, int) and rank >= 1):
+            problems.append(f"rank must be an integer >= 1, got {rank!r}")
+        if start_step < 0:
+            problems.append(f"start_step must be >= 0, got {start_step}")
+        if not min_compression_rate > 0:
+            problems.append(f"min_compression_rate must be > 0, got {min_compression_rate}")
+        if orthogonalization not in ORTHOGONALIZATIONS:
+            problems.append(f"orthogonalization must be one of {ORTHOGONALIZATIONS}, "
+                            f"got {orthogonalization!r}")
+        if problems:
+            raise ValueError("PowerSGD: " + "; ".join(problems))
+        self.rank, self.start_step = rank, start_step
+        self.min_compression_rate = min_compression_rate
+        self.error_feedback, self.warm_start = error_feedback, warm_start
+        self.orthogonalization, self.seed = orthogonalization, seed
+        self._errors: dict[str, Tensor] = {}  # name -> residual, shaped like the gradient
+        # name -> Q^T, (r, m) and contiguous, of the last step (warm start). One fixed layout, so
+        # a resumed run takes the very same BLAS path and reproduces the bits.
+        self._q_ts: dict[str, Tensor] = {}
+        self._draws: dict[str, int] = {}  # name -> Q draws so far
+
+    # -- what gets compressed ------------------------------------------------------------------
+    def compressed_rank(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """The approximation rank used for a gradient of `shape`, or 0 if it is sent uncompressed."""
+        if len(shape) < 2:
+            return 0
+        n = shape[0]
+        m = 1
+        for d in shape[1:]:
+            m *= d
+        r = min(n, m, self.rank)
+        if r == 0 or n * m < self.min_compression_rate * (n + m) * r:
+            return 0
+        return r
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def reduce(self, named_grads: NamedGrads, comm: Communicator) -> None:
+        comm.add_uncompressed(payload_bytes([g for _, g in named_grads]))
+        if self.step < self.start_step:
+            all_reduce_flat([g for _, g in named_grads], comm, "grad_allreduce")
+            return
+        plain, matrices = [], []
+        for name, grad in named_grads:
+            r = self.compressed_rank(grad.shape)
+            if r == 0:
+                plain.append(grad)
+            else:
+                mat = grad if grad.is_contiguous() else grad.contiguous()
+                matrices.append(_Matrix(name, grad, mat.view(grad.shape[0], -1), r))
+        # Start the exact all-reduce of the small tensors first; it overlaps the work below.
+        pending = all_reduce_flat_async(plain, comm, "powersgd_uncompressed")
+        by_dtype: dict[tuple, list[_Matrix]] = {}
+        for item in matrices:
+            by_dtype.setdefault((item.mat.device, item.mat.dtype), []).append(item)
+        for group in by_dtype.values():
+            self._compress(group, comm)
+        pending.wait()
+
+    def _compress(self, items: list[_Matrix], comm: Communicator) -> None:
+        mats = [item.mat for item in items]
+        if self.error_feedback:
+            errors = [self._state_tensor(self._errors, item.name, item.grad, zeros=True).view_as(item.mat)
+                      for item in items]
+            torch._foreach_add_(mats, errors)
+            torch._foreach_copy_(errors, mats)  # errors hold the inputs until the residual below
+        qs_in = [self._initial_q_t(item).t() for item in items]
+
+        # P blocks laid out grouped by shape (n, r), so each group is one (B, n, r) batch to
+        # orthogonalize; the order is the same on every rank.
+        order = sorted(range(len(items)), key=lambda i: (items[i].mat.shape[0], items[i].r))
+        p_flat = mats[0].new_empty(sum(items[i].mat.shape[0] * items[i].r for i in order))
+        ps: list[Tensor] = [mats[0]] * len(items)
+        batches, offset = [], 0
+        for i in order:
+            n, r = items[i].mat.shape[0], items[i].r
+            ps[i] = p_flat[offset:offset + n * r].view(n, r)
+            if batches and batches[-1][2] == (n, r):
+                batches[-1][1] = offset + n * r
+            else:
+                batches.append([offset, offset + n * r, (n, r)])
+            torch.mm(mats[i], qs_in[i], out=ps[i])
+            offset += n * r
+        comm.all_reduce(p_flat, "powersgd_p", op="sum")
+        for start, end, (n, r) in batches:
+            orthogonalize_(p_flat[start:end].view(-1, n, r), self.orthogonalization)
+
+        # Q is computed and sent transposed, (r, m) = P^T M: BLAS reads row-major M faster this way
+        # than as M^T P (2x on CPU); the all-reduce does not care about the layout.
+        q_flat = mats[0].new_empty(sum(mat.shape[1] * item.r for mat, item in zip(mats, items)))
+        qts, offset = [], 0
+        for mat, p, item in zip(mats, ps, items):
+            qt = q_flat[offset:offset + mat.shape[1] * item.r].view(item.r, mat.shape[1])
+            torch.mm(p.t(), mat, out=qt)
+            qts.append(qt)
+            offset += qt.numel()
+        comm.all_reduce(q_flat, "powersgd_q", op="avg")
+
+        for mat, p, qt, item in zip(mats, ps, qts, items):
+            torch.mm(p, qt, out=mat)
+            if mat.data_ptr() != item.grad.data_ptr():  # worked on a contiguous copy
+                item.grad.copy_(mat.view_as(item.grad))
+            if self.warm_start:
+                self._q_ts[item.name] = qt  # a view of q_flat: no copy
+        if self.error_feedback:
+            torch._foreach_sub_(errors, mats)
+
+    def _initial_q_t(self, item: _Matrix) -> Tensor:
+        """Q^T (r, m) to start from: last step's if warm, else a fresh draw of Q ~ N(0, 1)^(m x r)."""
+        m = item.mat.shape[1]
+        if self.warm_start and item.name in self._q_ts:
+            q_t = self._state_tensor(self._q_ts, item.name, item.mat)
+            if q_t.shape != (item.r, m):
+                raise ValueError(f"PowerSGD: stored Q^T of {item.name!r} has shape "
+                                 f"{tuple(q_t.shape)}, expected {(item.r, m)}")
+            return q_t
+        draw = self._draws.get(item.name, 0)
+        self._draws[item.name] = draw + 1
+        generator = torch.Generator().manual_seed(q_seed(self.seed, item.name, draw))
+        q = torch.randn(m, item.r, generator=generator)
+        return q.t().contiguous().to(device=item.mat.device, dtype=item.mat.dtype)
+
+    @staticmethod
+    def _state_tensor(table: dict[str, Tensor], name: str, like: Tensor, zeros: bool = False) -> Tensor:
+        """table[name] on `like`'s device and dtype (moved once, e.g. after loading a checkpoint)."""
+        t = table.get(name)
+        if t is None and zeros:
+            t = table[name] = torch.zeros(like.shape, device=like.device, dtype=like.dtype)
+        elif t.device != like.device or t.dtype != like.dtype:
+            t = table[name] = t.to(device=like.device, dtype=like.dtype)
+        if zeros and t.shape != like.shape:
+            raise ValueError(f"PowerSGD: stored residual of {name!r} has shape {tuple(t.shape)}, "
+                             f"the gradient {tuple(like.shape)}")
+        return t
+
+    # -- state ---------------------------------------------------------------------------------
+    def residual(self, name: str) -> Tensor | None:
+        """This rank's error-feedback residual of parameter `name` (None before its first use)."""
+        return self._errors.get(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "rank": self.rank,
+            "seed": self.seed,
+            "errors": {name: t.detach().clone() for name, t in self._errors.items()},
+            "q_t": {name: t.detach().clone() for name, t in self._q_ts.items()},
+            "draws": dict(self._draws),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("rank", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"PowerSGD: checkpoint has {key}={state[key]}, this compressor "
+                                 f"{key}={getattr(self, key)}; set compression.{key} to match")
+        super().load_state_dict(state)
+        contiguous = torch.contiguous_format  # the compute views them as matrices
+        self._errors = {name: t.clone(memory_format=contiguous) for name, t in state["errors"].items()}
+        self._q_ts = {name: t.clone(memory_format=contiguous) for name, t in state["q_t"].items()}
+        self._draws = {name: int(n) for name, n in state["draws"].items()}

@@ -1,0 +1,284 @@
+"""PowerSGD and the baselines in one process: exactness, error feedback, a reference simulation of N
+ranks, byte counts, and state round trips. Simulated ranks are threads (`run_local`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from bigbatch.compression.base import LowPrecision, NoCompression, flatten, unflatten_into
+from bigbatch.compression.ddp_hook import CompressionHookState
+from bigbatch.compression.factory import build_compressor
+from bigbatch.compression.powersgd import PowerSGD
+from bigbatch.distributed.comm import Communicator, run_local
+
+# Gradient shapes of nn.Sequential(Linear(32, 64), ReLU, Linear(64, 64), ReLU, Linear(64, 3)) plus a
+# conv kernel, which PowerSGD views as (8, 4*3*3) = (8, 36).
+SHAPES = {"0.weight": (64, 32), "0.bias": (64,), "2.weight": (64, 64), "2.bias": (64,),
+          "4.weight": (3, 64), "4.bias": (3,), "conv.weight": (8, 4, 3, 3)}
+
+
+def make_grads(steps: int, world_size: int, seed: int = 0) -> list[list[dict[str, torch.Tensor]]]:
+    """grads[step][rank][name]: standard normal, different on every rank and step."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[{name: torch.randn(shape, generator=gen) for name, shape in SHAPES.items()}
+             for _ in range(world_size)] for _ in range(steps)]
+
+
+def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0,
+                       error_feedback=True, warm_start=True):
+    """Outputs[step][name] of PowerSGD over all ranks' gradients, written straight from the paper
+    (Vogels et al. 2019, Algorithm 1 with error feedback), one matrix at a time.
+
+    Initial Q of a parameter: torch.randn(m, r) from a Generator seeded with the first 8 bytes
+    (little endian, top bit cleared) of blake2b(f"{seed}:{name}:{draw}"), draw = 0, 1, ...
+    """
+    world = len(grads[0])
+    errors = [{} for _ in range(world)]
+    warm_q, draws, outputs = {}, {}, []
+    for step, per_rank in enumerate(grads):
+        out = {}
+        for name in per_rank[0]:
+            shape = per_rank[0][name].shape
+            mean = sum(g[name] for g in per_rank) / world
+            n = shape[0]
+            m = mean.numel() // n
+            r = min(n, m, rank)
+            if step < start_step or len(shape) < 2 or n * m < min_compression_rate * (n + m) * r:
+                out[name] = mean
+                continue
+            ms = [g[name].reshape(n, m) + (errors[k].get(name, 0) if error_feedback else 0)
+                  for k, g in enumerate(per_rank)]
+            q = warm_q.get(name) if warm_start else None
+            if q is None:
+                draw = draws.get(name, 0)
+                draws[name] = draw + 1
+                digest = hashlib.blake2b(f"{seed}:{name}:{draw}".encode(), digest_size=8).digest()
+                gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+                q = torch.randn(m, r, generator=gen)
+            p = sum(mk @ q for mk in ms)
+            for j in range(r):  # Gram-Schmidt, column by column
+                for i in range(j):
+                    p[:, j] -= (p[:, i] @ p[:, j]) * p[:, i]
+                p[:, j] /= p[:, j].norm()
+            q = sum(mk.t() @ p for mk in ms) / world
+            approx = p @ q.t()
+            warm_q[name] = q
+            for k in range(world):
+                errors[k][name] = ms[k] - approx
+            out[name] = approx.reshape(shape)
+        outputs.append(out)
+    return outputs
+
+
+def apply_compressor(comm, compressor, grads):
+    """Run `compressor` on this rank's gradients at every step; outputs[step][name]."""
+    outputs = []
+    for per_rank in grads:
+        named = [(name, g.clone()) for name, g in per_rank[comm.rank].items()]
+        compressor.reduce(named, comm)
+        compressor.end_step()
+        outputs.append(dict(named))
+    return outputs
+
+
+def _run_powersgd(comm, grads, settings):
+    return apply_compressor(comm, PowerSGD(**settings), grads), comm.totals()
+
+
+def assert_outputs_close(actual, expected, atol):
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        for name in e:
+            torch.testing.assert_close(a[name], e[name], rtol=1e-4, atol=atol,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(rank=2, start_step=2),
+    dict(rank=1, start_step=0, warm_start=False),
+    dict(rank=4, start_step=1, error_feedback=False, seed=7),
+], ids=["rank2", "no-warm-start", "no-error-feedback"])
+def test_simulated_ranks_match_reference(settings):
+    grads = make_grads(steps=5, world_size=3)
+    expected = reference_powersgd(grads, **settings)
+    per_rank = run_local(_run_powersgd, 3, grads, settings)
+    for outputs, _ in per_rank:
+        assert_outputs_close(outputs, expected, atol=1e-4)
+    for outputs, _ in per_rank[1:]:  # every rank applies the very same update
+        for step in range(5):
+            for name in SHAPES:
+                assert torch.equal(outputs[step][name], per_rank[0][0][step][name])
+
+
+@pytest.mark.parametrize("orthogonalization", ["gram_schmidt", "qr"])
+def test_exact_rank_r_average_is_reconstructed(orthogonalization):
+    # Two ranks, each holding a rank-1 gradient: their average has rank exactly 2, so rank-2
+    # PowerSGD recovers it once warm (one power iteration already spans its column space).
+    gen = torch.Generator().manual_seed(3)
+
+    def rank_one(n, m):
+        return torch.randn(n, 1, generator=gen) @ torch.randn(1, m, generator=gen)
+
+    per_rank = [{"w": rank_one(48, 40), "k": rank_one(16, 36).view(16, 4, 3, 3)} for _ in range(2)]
+    grads = [per_rank] * 3  # the same gradient for three steps (warm start)
+    settings = dict(rank=2, start_step=0, error_feedback=False, orthogonalization=orthogonalization)
+    outputs, _ = run_local(_run_powersgd, 2, grads, settings)[0]
+    for name in ("w", "k"):
+        mean = (per_rank[0][name] + per_rank[1][name]) / 2
+        error = (outputs[-1][name] - mean).norm() / mean.norm()
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+def test_error_feedback_conserves_the_gradient_sum():
+    # One rank: whatever is not applied at a step stays in the residual, so after T steps
+    #   sum(applied) + residual == sum(inputs)   for every parameter, compressed or not.
+    comm, compressor = Communicator(), PowerSGD(rank=1, start_step=2)
+    grads = make_grads(steps=6, world_size=1, seed=5)
+    applied = apply_compressor(comm, compressor, grads)
+    for name in SHAPES:
+        inputs = sum(step[0][name] for step in grads)
+        residual = compressor.residual(name)
+        total = sum(out[name] for out in applied) + (0 if residual is None else residual)
+        torch.testing.assert_close(total, inputs, rtol=0, atol=1e-5)
+    assert compressor.residual("0.weight").norm() > 0.1  # rank 1 really was lossy
+    assert compressor.residual("0.bias") is None  # biases are averaged exactly, no residual
+
+
+def _count_mlp_bytes(comm):
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    compressor = PowerSGD(rank=2, start_step=1)
+    stats = []
+    for _ in range(2):
+        named = [(name, torch.randn_like(p)) for name, p in model.named_parameters()]
+        compressor.reduce(named, comm)
+        compressor.end_step()
+        stats.append(comm.take_step_stats())
+    return stats
+
+
+def test_bytes_match_the_analytic_count():
+    # float32, rank 2, min rate 2. The MLP has 2048 + 64 + 4096 + 64 + 192 + 3 = 6467 parameters.
+    #   0.weight (64, 32): 2048 >= 2 * (64+32) * 2 = 384 -> compressed, P 64*2 = 128, Q 32*2 = 64
+    #   2.weight (64, 64): 4096 >= 2 * 128 * 2 = 512    -> compressed, P 128,        Q 128
+    #   4.weight (3, 64):   192 <  2 * 67 * 2 = 268      -> uncompressed
+    #   biases: uncompressed. Uncompressed: 64 + 64 + 192 + 3 = 323 elements.
+    before, after = run_local(_count_mlp_bytes, 2)[0]
+    assert before["comm_bytes/grad_allreduce"] == 6467 * 4  # step 0 < start_step: plain
+    assert before["comm_bytes/uncompressed"] == 6467 * 4
+    assert after["comm_bytes/powersgd_p"] == (128 + 128) * 4
+    assert after["comm_bytes/powersgd_q"] == (64 + 128) * 4
+    assert after["comm_bytes/powersgd_uncompressed"] == 323 * 4
+    assert after["comm_bytes/grad_allreduce"] == 0
+    assert after["comm_bytes/total"] == (256 + 192 + 323) * 4
+    assert after["comm_bytes/uncompressed"] == 6467 * 4
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((64, 32), 2), ((3, 64), 0), ((64,), 0), ((8, 4, 3, 3), 2), ((2, 2), 0), ((1, 1000), 0),
+    ((0, 5), 0), ((6, 6), 0),  # 36 < 2 * 12 * 2 = 48
+    ((8, 8), 2),  # 64 >= 2 * 16 * 2 = 64: the rate is met exactly, so it compresses
+])
+def test_which_tensors_are_compressed(shape, expected):
+    assert PowerSGD(rank=2).compressed_rank(shape) == expected
+
+
+def _save_and_resume(comm, grads, settings, split):
+    uninterrupted = PowerSGD(**settings)
+    first = apply_compressor(comm, uninterrupted, grads[:split])
+    buffer = io.BytesIO()
+    torch.save(uninterrupted.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = PowerSGD(**settings)
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.step == split
+    rest = grads[split:]
+    return first, apply_compressor(comm, uninterrupted, rest), apply_compressor(comm, resumed, rest)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_state_dict_round_trip_continues_identically(warm_start):
+    settings = dict(rank=2, start_step=2, warm_start=warm_start)
+    grads = make_grads(steps=7, world_size=2, seed=11)
+    for _, continued, resumed in run_local(_save_and_resume, 2, grads, settings, 4):
+        for a, b in zip(continued, resumed):
+            for name in SHAPES:
+                assert torch.equal(a[name], b[name]), name
+
+
+def test_load_state_dict_rejects_another_rank():
+    state = PowerSGD(rank=2).state_dict()
+    with pytest.raises(ValueError, match="set compression.rank"):
+        PowerSGD(rank=4).load_state_dict(state)
+
+
+def test_non_contiguous_and_zero_gradients():
+    comm = Communicator()
+    base = torch.randn(40, 64)
+    named = [("t", base.clone().t()), ("z", torch.zeros(64, 64))]  # transposed: not contiguous
+    PowerSGD(rank=2, start_step=0, error_feedback=False).reduce(named, comm)
+    reference = [("t", base.clone().t().contiguous()), ("z", torch.zeros(64, 64))]
+    PowerSGD(rank=2, start_step=0, error_feedback=False).reduce(reference, comm)
+    assert torch.equal(named[0][1], reference[0][1])
+    assert torch.equal(named[1][1], torch.zeros(64, 64))  # no NaN from normalizing a zero column
+
+
+def _low_precision(comm, compressor, values):
+    grads = [("w", torch.full((3, 5), values[comm.rank])), ("b", torch.full((7,), -values[comm.rank]))]
+    compressor.reduce(grads, comm)
+    return dict(grads), comm.take_step_stats()
+
+
+@pytest.mark.parametrize("method, kind, rtol", [("none", "grad_allreduce", 0.0),
+                                                ("fp16", "grad_allreduce_fp16", 1e-3),
+                                                ("bf16", "grad_allreduce_bf16", 1e-2)])
+def test_baselines_average_within_their_precision(method, kind, rtol):
+    # 40000 + 50000 overflows float16 (max 65504); fp16 divides by the world size first.
+    values = [40000.123, 50000.456]
+    mean = sum(values) / 2
+    for grads, stats in run_local(lambda comm: _low_precision(comm, build_compressor(method), values), 2):
+        torch.testing.assert_close(grads["w"], torch.full((3, 5), mean), rtol=rtol, atol=0)
+        torch.testing.assert_close(grads["b"], torch.full((7,), -mean), rtol=rtol, atol=0)
+        element_size = 4 if method == "none" else 2
+        assert stats[f"comm_bytes/{kind}"] == 22 * element_size
+        assert stats["comm_bytes/uncompressed"] == 22 * 4
+
+
+def test_factory():
+    assert isinstance(build_compressor("none"), NoCompression)
+    assert build_compressor("bf16").dtype == torch.bfloat16
+    assert isinstance(build_compressor("fp16"), LowPrecision)
+    psgd = build_compressor("powersgd", rank=3, start_step=5, orthogonalization="qr")
+    assert (psgd.rank, psgd.start_step, psgd.orthogonalization) == (3, 5, "qr")
+    assert build_compressor("torch_powersgd", rank=2) is None
+    with pytest.raises(ValueError, match="valid: none, fp16"):
+        build_compressor("topk")
+    assert isinstance(build_compressor("fp16", rank=2, seed=1), LowPrecision)  # powersgd-only: ignored
+    with pytest.raises(ValueError, match="unknown compression setting.* rnak; valid: rank, start_step"):
+        build_compressor("powersgd", rnak=2)
+    with pytest.raises(ValueError, match="rank must be"):
+        PowerSGD(rank=0)
+
+
+def test_flatten_is_a_view_for_back_to_back_tensors_and_a_copy_otherwise():
+    buffer = torch.arange(10.0)
+    views = [buffer[:6].view(2, 3), buffer[6:]]  # how DDP lays out a bucket's gradients
+    assert flatten(views).data_ptr() == buffer.data_ptr()
+    apart = [torch.ones(2, 3), torch.ones(4)]
+    flat = flatten(apart)
+    flat.mul_(2)
+    unflatten_into(flat, apart)
+    assert torch.equal(apart[0], torch.full((2, 3), 2.0)) and torch.equal(apart[1], torch.full((4,), 2.0))
+
+
+def test_hook_state_pickles_without_its_process_group():
+    compressor = PowerSGD(rank=2, start_step=0)
+    compressor.reduce([("w", torch.randn(16, 16))], Communicator())
+    state = CompressionHookState(compressor, Communicator(group=object()), {1: "w"})
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.comm.group is None
+    assert torch.equal(restored.compressor.state_dict()["q_t"]["w"], compressor.state_dict()["q_t"]["w"])
