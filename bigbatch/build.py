@@ -12,6 +12,7 @@ import torch
 from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters, RNGState
 from bigbatch.config import BatchConfig, Config, GuardConfig, split_batch
+from bigbatch.compression.factory import build_compressor
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
@@ -20,9 +21,11 @@ from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
 from bigbatch.optim.factory import build_optimizer
+from bigbatch.optim.adaptive_batch import AdaptiveBatch
 from bigbatch.optim.batch_schedule import BatchSchedule
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
+from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
 from bigbatch.trainer import Trainer
 
 
@@ -89,7 +92,30 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
         return SingleProcess(model)
     if cfg.distributed.strategy != "ddp":
         raise ValueError(f"distributed.strategy: '{cfg.distributed.strategy}' is not available yet; use ddp")
-    return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb)
+    comp = cfg.compression
+    settings = dict(rank=comp.rank, start_step=comp.start_step, min_compression_rate=comp.min_compression_rate,
+                    error_feedback=comp.error_feedback, warm_start=comp.warm_start, seed=comp.seed)
+    if comp.method == "torch_powersgd":
+        return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb, None, torch_powersgd=settings)
+    compressor = build_compressor(comp.method, orthogonalization=comp.orthogonalization, **settings)
+    return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb, compressor)
+
+
+def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
+    """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch."""
+    adaptive_cfg = cfg.batch.adaptive
+    if not (cfg.metrics.noise_scale or adaptive_cfg.enabled):
+        return None
+    if not runtime.distributed:
+        raise ValueError("metrics.noise_scale / batch.adaptive: the noise scale compares per-rank and "
+                         "averaged gradients, so it needs at least 2 ranks (bigbatch launch --nproc-per-node 2)")
+    adaptive = None
+    if adaptive_cfg.enabled:
+        granularity = adaptive_granularity(runtime.world_size, cfg.batch.micro_batch)
+        adaptive = AdaptiveBatch(base_batch_at, adaptive_cfg.factor, adaptive_cfg.min or cfg.batch.global_batch,
+                                 adaptive_cfg.max or 64 * cfg.batch.global_batch, adaptive_cfg.every_samples,
+                                 granularity)
+    return NoiseScaleMonitor(strategy, runtime.world_size, cfg.metrics.noise_scale_ema, adaptive)
 
 
 def build_guard(cfg: GuardConfig):
@@ -110,15 +136,18 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     strategy = build_strategy(cfg, model, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     batch_at = batch_schedule_from(cfg.batch).batch_at
-    total = total_samples(cfg, len(data.train), batch_at)
+    total = total_samples(cfg, len(data.train), batch_at)  # adaptive growth is not foreseen here
+    noise = build_noise_monitor(cfg, strategy, runtime, batch_at)
+    if noise is not None and noise.adaptive is not None:
+        batch_at = noise.adaptive.batch_at
     sampler = GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size)
     counters, guard = Counters(), build_guard(cfg.guard)
     progress = Progress(cfg.metrics.progress, total, cfg.metrics.log_every_steps, active=runtime.is_main)
     checkpointer = CheckpointManager(
         cfg.checkpoint, cfg.run_dir, runtime,
         replicated={"model": model, "optimizer": optimizer, "counters": counters, "sampler": sampler,
-                    "guard": guard},
-        per_rank={"rng": RNGState()},
+                    "guard": guard, **({"noise_scale": noise} if noise else {})},
+        per_rank={"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})},
         meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
         config_text=cfg.to_yaml(), log=progress.write)
     return Trainer(
@@ -127,4 +156,5 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         total_samples=total, max_steps=cfg.run.max_steps,
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
-        precision=cfg.precision, guard=guard, counters=counters)
+        precision=cfg.precision, guard=guard, counters=counters,
+        after_step=[strategy.comm_metrics] + ([noise] if noise else []))

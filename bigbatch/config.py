@@ -186,6 +186,8 @@ class MetricsConfig(Section):
     log_every_steps: int = _f(10, "plain log line period when not on a TTY", gt=0)
     tensorboard: bool = _f(True, "write TensorBoard event files")
     progress: Literal["auto", "bar", "log", "none"] = _f("auto", "rank-0 progress display")
+    noise_scale: bool = _f(False, "estimate and log the gradient noise scale (needs >= 2 ranks)")
+    noise_scale_ema: float = _f(0.99, "EMA decay of the noise-scale estimates", ge=0, lt=1)
 
 
 class SlurmConfig(Section):
@@ -333,7 +335,22 @@ def semantic_problems(cfg: Config) -> list[str]:
     if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
         problems.append("lr.cycle_samples: required by the cyclic schedule")
     problems += _batch_schedule_problems(cfg.batch)
+    problems += _compression_problems(cfg)
     return problems
+
+
+def _compression_problems(cfg: Config) -> list[str]:
+    comp = cfg.compression
+    if comp.method == "none":
+        return []
+    if cfg.distributed.strategy not in ("ddp",):
+        return [f"compression.method: gradient compression hooks are DDP-only; with distributed.strategy="
+                f"{cfg.distributed.strategy} set compression.method: none (DiLoCo compresses its "
+                "pseudo-gradients with diloco.compression)"]
+    if comp.method == "torch_powersgd" and comp.start_step <= 1 and (comp.error_feedback or comp.warm_start):
+        return ["compression.start_step: torch's PowerSGD hook needs start_step >= 2 when error_feedback "
+                "or warm_start is on"]
+    return []
 
 
 def _data_problems(data: DataConfig) -> list[str]:

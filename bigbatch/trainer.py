@@ -52,6 +52,7 @@ class Trainer:
     stopped_early: bool = False
     current_batch: int | None = None
     last_loss: float = math.nan
+    last_grad_norm: float = math.nan
 
     def fit(self) -> dict:
         """Train until the sample or step budget is spent (or a preemption); returns the last row."""
@@ -73,6 +74,7 @@ class Trainer:
                 self.rollback()
                 continue
             grad_norm = self.optimizer_step() if action is GuardAction.OK else float("nan")
+            self.last_grad_norm = grad_norm
             self.counters.step += 1
             self.counters.samples += batch
             step_time, timer = time.perf_counter() - timer, time.perf_counter()

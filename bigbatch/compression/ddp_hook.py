@@ -26,6 +26,7 @@ means something in the process that built it.
 # is the GradBucket class itself, not a string.
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -46,6 +47,8 @@ class CompressionHookState:
     compressor: Compressor
     comm: Communicator
     param_names: dict[int, str]
+    # Sees each bucket's local (not yet averaged) gradients, e.g. for the gradient noise scale.
+    observer: Optional[Callable[[list[torch.Tensor]], None]] = None
 
 
 def compression_hook(state: CompressionHookState, bucket: GradBucket) -> Future[torch.Tensor]:
@@ -58,6 +61,8 @@ def compression_hook(state: CompressionHookState, bucket: GradBucket) -> Future[
             raise ValueError(f"a parameter of shape {tuple(param.shape)} in DDP bucket {bucket.index()} "
                            "has no name; build param_names with param_names_by_id(ddp_model.module)")
         names.append(name)
+    if state.observer is not None:
+        state.observer(grads)
     reduced = state.compressor.reduce_async(list(zip(names, grads)), state.comm)
     if bucket.is_last():
         state.compressor.end_step()
@@ -74,8 +79,10 @@ def compression_hook(state: CompressionHookState, bucket: GradBucket) -> Future[
 
 
 def register_compression_hook(ddp_model: nn.parallel.DistributedDataParallel, compressor: Compressor,
-                              comm: Communicator, param_names: dict[int, str]) -> CompressionHookState:
+                              comm: Communicator, param_names: dict[int, str],
+                              observer: Optional[Callable[[list[torch.Tensor]], None]] = None
+                              ) -> CompressionHookState:
     """Make `ddp_model` average its gradients with `compressor`; returns the hook state."""
-    state = CompressionHookState(compressor, comm, param_names)
+    state = CompressionHookState(compressor, comm, param_names, observer)
     ddp_model.register_comm_hook(state, compression_hook)
     return state

@@ -1,7 +1,9 @@
 """Data parallelism: the model replicated on every rank, gradients averaged once per optimizer step.
 
 A strategy owns model wrapping and gradient sync. The trainer asks it for `sync_context(last)` around
-each micro-batch's backward and for `all_reduce_mean` on scalars; with one process both are no-ops.
+each micro-batch's backward and for `all_reduce_*` on scalars; with one process both are no-ops.
+Under DDP every gradient bucket goes through bigbatch's communication hook, so the configured
+compressor (none, fp16, bf16, PowerSGD) does the averaging and the Communicator counts every byte.
 """
 
 from __future__ import annotations
@@ -10,16 +12,42 @@ import contextlib
 from typing import ContextManager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from bigbatch.compression.base import Compressor
+from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
+from bigbatch.compression.torch_powersgd import register_torch_powersgd
+from bigbatch.distributed.comm import Communicator
+
+GRADIENT_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
+                  "powersgd_q", "powersgd_uncompressed", "torch_powersgd")
+
+
+class LocalGradNorm:
+    """Sum of squared local gradient entries seen by the comm hook during one step (before averaging)."""
+
+    def __init__(self) -> None:
+        self.sq_sum = 0.0
+
+    def __call__(self, grads: list[torch.Tensor]) -> None:
+        self.sq_sum += float(sum(g.detach().float().square().sum() for g in grads))
+
+    def take(self) -> float:
+        value, self.sq_sum = self.sq_sum, 0.0
+        return value
 
 
 class SingleProcess:
     """One rank: nothing to synchronise."""
 
+    world_size = 1
+
     def __init__(self, model: nn.Module):
         self.model = self.module = model
+        self.comm = Communicator()
+        self.local_grad_norm = LocalGradNorm()
+        self.compressor: Compressor | None = None
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         return contextlib.nullcontext()
@@ -33,15 +61,31 @@ class SingleProcess:
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def comm_metrics(self, trainer=None) -> dict:
+        """Bytes and seconds per collective kind this step, and the saving versus plain all-reduce."""
+        stats = self.comm.take_step_stats()
+        sent = sum(v for k, v in stats.items() if k.split("/", 1)[-1] in GRADIENT_KINDS
+                   and k.startswith("comm_bytes/"))
+        if sent > 0:
+            stats["comm_savings"] = stats["comm_bytes/uncompressed"] / sent
+        return stats
+
 
 class DDPStrategy(SingleProcess):
-    """torch DistributedDataParallel; gradient all-reduce on the last micro-batch only."""
+    """torch DistributedDataParallel with bigbatch's comm hook; all-reduce on the last micro-batch only."""
 
-    def __init__(self, model: nn.Module, device: torch.device, bucket_cap_mb: float):
+    def __init__(self, model: nn.Module, device: torch.device, bucket_cap_mb: float,
+                 compressor: Compressor | None, torch_powersgd: dict | None = None):
         super().__init__(model)
         ids = [device.index] if device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb)
-        self.world_size = dist.get_world_size()
+        self.world_size = self.comm.size
+        self.compressor = compressor
+        if torch_powersgd is not None:  # PyTorch's own hook, a peer baseline
+            register_torch_powersgd(self.model, comm=self.comm, **torch_powersgd)
+        else:
+            register_compression_hook(self.model, compressor, self.comm, param_names_by_id(model),
+                                      observer=self.local_grad_norm)
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         # Accumulating micro-batches need no communication: DDP's no_sync() defers the all-reduce
@@ -49,12 +93,10 @@ class DDPStrategy(SingleProcess):
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
+        return self.comm.all_reduce(tensor, "metrics", op="sum")
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(tensor).div_(self.world_size)
+        return self.comm.all_reduce(tensor, "metrics", op="avg")
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
+        return self.comm.all_reduce(tensor, "metrics", op="max")

@@ -20,18 +20,19 @@ def losses(run_dir) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["lr"]) for r in rows if r.get("kind", "train") == "train"]
 
 
-def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1):
+def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1, extra: dict | None = None):
     model = {"name": "tests.custom_components:DyingMLP",
              "kwargs": {"d_in": 8, "classes": 3, "die_rank": kill_rank, "die_at": die_at}}
     raw = tiny_config(tmp_path, run={"name": name, "max_steps": STEPS}, batch=batch, model=model,
                       optim={"name": "adamw", "lr": 0.01}, lr={"name": "cosine", "warmup_samples": 32},
-                      checkpoint={"every_steps": EVERY, "keep_last": 2})
+                      checkpoint={"every_steps": EVERY, "keep_last": 2}, **(extra or {}))
     config = write_config(tmp_path / f"{name}.yaml", raw)
     return bigbatch("launch", "--nproc-per-node", "2", str(config), "--set", "distributed.timeout_s=60")
 
 
 BATCHES = {
     "plain": {"global_batch": 16},
+    "powersgd": {"global_batch": 16},  # with PowerSGD compression: error feedback is per-rank state
     "accumulation": {"global_batch": 16, "micro_batch": 4},  # 2 micro-batches per rank
     "ramp": {"global_batch": 32, "schedule": {"kind": "ramp", "start": 8, "increment": 8,
                                                "ramp_samples": 96}},
@@ -43,13 +44,15 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
     batch = BATCHES[kind]
     accum = 2 if "micro_batch" in batch else 1
     kill_step = random.Random(kind).randint(EVERY + 1, STEPS - 1)
-    reference = run(tmp_path, "reference", batch, die_at=0)
+    extra = {"compression": {"method": "powersgd", "rank": 1, "start_step": 2,
+                             "min_compression_rate": 1.0}} if kind == "powersgd" else None
+    reference = run(tmp_path, "reference", batch, die_at=0, extra=extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     # Rank 1 dies on the first micro-batch of kill_step; the newest checkpoint is older than that.
-    killed = run(tmp_path, "resumed", batch, die_at=(kill_step - 1) * accum + 1)
+    killed = run(tmp_path, "resumed", batch, die_at=(kill_step - 1) * accum + 1, extra=extra)
     assert killed.returncode != 0
-    resumed = run(tmp_path, "resumed", batch, die_at=0)
+    resumed = run(tmp_path, "resumed", batch, die_at=0, extra=extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 

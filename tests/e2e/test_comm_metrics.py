@@ -1,0 +1,58 @@
+"""Byte accounting in a real 2-rank run: metrics rows carry bytes per kind and the savings ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_config, write_config
+from tests.e2e.test_cli_launch import bigbatch
+
+pytestmark = pytest.mark.e2e
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind", "train") == "train"]
+
+
+def test_powersgd_run_counts_bytes_and_noise_scale(tmp_path):
+    # MLP 8 -> 32 -> 3. Weight 32x8 compresses at rank 1 (256 > (32+8)·1 = 40 floats); the 3x32 head
+    # (96 vs 35) too; biases (32 + 3) go uncompressed. Before start_step=3 everything is all-reduced.
+    raw = tiny_config(tmp_path, model={"hidden": [32]}, run={"max_steps": 6},
+                      compression={"method": "powersgd", "rank": 1, "start_step": 3, "min_compression_rate": 1.5},
+                      metrics={"noise_scale": True, "noise_scale_ema": 0.5})
+    result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = train_rows(tmp_path / "runs" / "tiny")
+    params = 32 * 8 + 32 + 3 * 32 + 3
+    for row in rows:
+        assert row["comm_bytes/uncompressed"] == 4 * params
+    plain, compressed = rows[1], rows[4]   # step 2 (before start_step), step 5
+    assert plain["comm_bytes/grad_allreduce"] == 4 * params
+    assert compressed["comm_bytes/powersgd_p"] == 4 * (32 + 3)      # P: n×r for each matrix
+    assert compressed["comm_bytes/powersgd_q"] == 4 * (8 + 32)      # Q: m×r
+    assert compressed["comm_bytes/powersgd_uncompressed"] == 4 * (32 + 3)
+    assert compressed["comm_savings"] == pytest.approx(params / (35 + 40 + 35))
+    # The estimate is logged once the smoothed |G|² is positive (it can be negative on tiny batches).
+    noise = [r["noise_scale"] for r in rows if "noise_scale" in r]
+    assert noise and all(v > 0 for v in noise)
+
+
+def test_adaptive_batch_grows_and_lr_follows_the_scaling_rule(tmp_path):
+    # Noise scales on this problem are in the tens; factor 8 asks for hundreds, clamped to max 64.
+    raw = tiny_config(tmp_path, run={"max_steps": 12},
+                      batch={"global_batch": 16, "adaptive": {"enabled": True, "factor": 8.0, "max": 64,
+                                                              "every_samples": 32}},
+                      optim={"name": "sgd", "lr": 0.1, "lr_scaling": {"rule": "linear", "base_batch": 16}},
+                      metrics={"noise_scale_ema": 0.5})
+    result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = train_rows(tmp_path / "runs" / "tiny")
+    batches = [r["global_batch"] for r in rows]
+    assert batches == sorted(batches) and batches[-1] > 16  # grew, never shrank
+    assert all(b % 2 == 0 and b <= 64 for b in batches)     # splits over 2 ranks, clamped
+    for row in rows:  # constant schedule: LR = 0.1 × B / 16 (linear rule)
+        assert row["lr"] == pytest.approx(0.1 * row["global_batch"] / 16)
+    assert rows[-1]["samples"] == sum(batches)  # the sampler consumed exactly the scheduled samples
