@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--max-lr", type=float, default=10.0)
     lr_find.add_argument("--steps", type=int, default=100)
 
+    bench = sub.add_parser("bench", help="communication micro-benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    allreduce = bench_sub.add_parser("allreduce", help="all-reduce latency, algbw and busbw per size")
+    allreduce.add_argument("--nproc-per-node", type=int, default=2)
+    allreduce.add_argument("--sizes", default="1M,16M,64M", help="comma-separated sizes (K/M/G = 2^10..)")
+    allreduce.add_argument("--iters", type=int, default=20)
+    allreduce.add_argument("--warmup", type=int, default=5)
+    allreduce.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+
     report = sub.add_parser("report", help="plot a run's metrics into PNG files")
     report.add_argument("run_dir")
     return parser
@@ -82,6 +91,32 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Outside a launcher, start N ranks that re-run this command; inside one, measure."""
+    import os
+
+    from bigbatch.config import DistributedConfig
+    from bigbatch.distributed.allreduce_bench import format_table, parse_size, run_allreduce_bench
+    from bigbatch.launch.runtime import distributed_runtime
+
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--sizes: {err}") from None
+    if "RANK" not in os.environ:
+        from bigbatch.launch.local import run_module
+
+        return run_module(args.nproc_per_node, ["bench", "allreduce", f"--sizes={args.sizes}",
+                                                f"--iters={args.iters}", f"--warmup={args.warmup}",
+                                                f"--backend={args.backend}"])
+    with distributed_runtime(DistributedConfig(backend=args.backend)) as runtime:
+        rows = run_allreduce_bench(sizes, args.iters, args.warmup, device=runtime.device)
+        if runtime.is_main:
+            print(f"all-reduce over {runtime.world_size} ranks ({runtime.backend})")
+            print(format_table(rows))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report import write_report
 
@@ -90,7 +125,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "launch": cmd_launch, "lr-find": cmd_lr_find, "report": cmd_report}
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "lr-find": cmd_lr_find, "bench": cmd_bench,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

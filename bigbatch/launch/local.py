@@ -6,8 +6,8 @@ from torch.distributed import run as torch_run
 
 
 def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
-                  train_args: list[str], max_restarts: int = 0) -> list[str]:
-    """Arguments for torch.distributed.run that start `python -m bigbatch train ...` on every rank."""
+                  bigbatch_args: list[str], max_restarts: int = 0) -> list[str]:
+    """Arguments for torch.distributed.run that start `python -m bigbatch ARGS...` on every rank."""
     args = [f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"]
     if nnodes == 1 and rdzv_endpoint is None:
         args.append("--standalone")  # picks a free local port itself
@@ -16,15 +16,21 @@ def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
             raise ValueError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1")
         args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                  f"--rdzv-endpoint={rdzv_endpoint}"]
-    return args + ["-m", "bigbatch", "train", *train_args]
+    return args + ["-m", "bigbatch", *bigbatch_args]
 
 
 def launch(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
            train_args: list[str]) -> int:
-    """Run the job; returns 0 on success. A failed rank makes torchrun stop the others and raise."""
+    """Run `bigbatch train` on every rank; returns 0 on success."""
+    return run_module(nproc_per_node, ["train", *train_args], nnodes, node_rank, rdzv_endpoint)
+
+
+def run_module(nproc_per_node: int, bigbatch_args: list[str], nnodes: int = 1, node_rank: int = 0,
+               rdzv_endpoint: str | None = None) -> int:
+    """`python -m bigbatch ARGS` on every rank. A failed rank makes torchrun stop the others."""
     parser = torch_run.get_args_parser()
     args = parser.parse_args(torchrun_args(nproc_per_node, nnodes, node_rank, rdzv_endpoint,
-                                           train_args))
+                                           bigbatch_args))
     try:
         torch_run.run(args)
     except Exception as err:  # torchrun's ChildFailedError already printed the rank's traceback

@@ -51,3 +51,19 @@ def test_report_writes_plots(tmp_path):
     assert result.returncode == 0, result.stderr
     written = sorted(os.path.basename(p) for p in result.stdout.split())
     assert {"loss.png", "lr.png", "val_accuracy.png", "global_batch.png"} <= set(written)
+
+
+def test_bench_allreduce_prints_a_row_per_size(tmp_path):
+    result = bigbatch("bench", "allreduce", "--nproc-per-node", "2", "--sizes", "64K,256K", "--iters", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("64K", "256K"))]
+    assert [row[:3] for row in lines] == [["64K", "65536", "2"], ["256K", "262144", "2"]]
+    for row in lines:  # 2 ranks: busbw = algbw·2(N−1)/N = algbw, and algbw = bytes / latency
+        latency_s, algbw, busbw = float(row[3]) * 1e-6, float(row[4]), float(row[5])
+        assert busbw == pytest.approx(algbw, abs=1e-3)
+        assert algbw == pytest.approx(int(row[1]) / latency_s / 1e9, rel=0.02, abs=2e-3)
+
+
+def test_bench_rejects_bad_sizes():
+    result = bigbatch("bench", "allreduce", "--sizes", "12Q")
+    assert result.returncode == 2 and "--sizes" in result.stderr
