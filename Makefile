@@ -5,7 +5,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-APT_TEST_PACKAGES ?=
+# Integration tests start a real local Slurm cluster and run Open MPI; installed when root.
+APT_TEST_PACKAGES ?= slurmctld slurmd slurm-client munge openmpi-bin
+DEV_EXTRAS ?= dev,mpi,slurm
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-dev dataset system-test-deps demo test clean
@@ -19,7 +21,7 @@ $(VENV)/.setup-done: pyproject.toml
 
 setup-dev: setup $(VENV)/.dev-done
 $(VENV)/.dev-done: pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[$(DEV_EXTRAS)]'
 	touch $@
 
 # Debian's package ships the full Fashion-MNIST; installed when we are root and it is missing.
@@ -37,7 +39,7 @@ system-test-deps:
 demo: setup dataset
 	$(BIN)/bigbatch launch --nproc-per-node 2 configs/fashion_mnist.yaml
 
-test: setup-dev dataset system-test-deps
+test: system-test-deps setup-dev dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

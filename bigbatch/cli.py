@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--warmup", type=int, default=5)
     allreduce.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
 
+    submit = sub.add_parser("submit", help="submit the run as a Slurm job (sbatch or submitit)")
+    _add_config_args(submit)
+    submit.add_argument("--dry-run", action="store_true",
+                        help="write RUN_DIR/job.sbatch, check it with `sbatch --test-only`, submit nothing")
+
     report = sub.add_parser("report", help="plot a run's metrics into PNG files")
     report.add_argument("run_dir")
     return parser
@@ -117,6 +122,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from bigbatch.slurm.submit import SubmitError, submit
+
+    try:
+        result = submit(cfg, args.config, args.set, dry_run=args.dry_run)
+    except SubmitError as err:  # Slurm refused or cannot be reached
+        print(f"bigbatch: submit: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"job script: {result.script_path}")
+        print(result.test_only or "sbatch not found: script written, not checked")
+    else:
+        print(f"submitted job {result.job_id}")
+        print(f"log: {result.log_path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report import write_report
 
@@ -126,6 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "lr-find": cmd_lr_find, "bench": cmd_bench,
+            "submit": cmd_submit,
             "report": cmd_report}
 
 

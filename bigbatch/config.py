@@ -195,7 +195,7 @@ class SlurmConfig(Section):
     account: Optional[str] = _f(None, "sbatch --account")
     qos: Optional[str] = _f(None, "sbatch --qos")
     nodes: int = _f(1, "sbatch --nodes", gt=0)
-    ntasks_per_node: int = _f(1, "ranks per node (launch_mode=srun) or 1 (launch_mode=torchrun)", gt=0)
+    ntasks_per_node: int = _f(1, "ranks per node (srun tasks, or torchrun workers per node)", gt=0)
     gpus_per_node: int = _f(0, "sbatch --gpus-per-node", ge=0)
     cpus_per_task: Optional[int] = _f(None, "sbatch --cpus-per-task", gt=0)
     mem: Optional[str] = _f(None, "sbatch --mem, e.g. 64G")
@@ -336,6 +336,9 @@ def semantic_problems(cfg: Config) -> list[str]:
         problems.append("lr.cycle_samples: required by the cyclic schedule")
     problems += _batch_schedule_problems(cfg.batch)
     problems += _compression_problems(cfg)
+    from bigbatch.slurm.render import sbatch_option_problems  # local: slurm imports config
+
+    problems += sbatch_option_problems(cfg.slurm)
     return problems
 
 

@@ -1,7 +1,8 @@
 """Who am I? Rank, world size and rendezvous address from torchrun, Slurm (srun) or MPI env vars.
 
 Precedence: explicit torchrun-style variables (RANK/WORLD_SIZE, set by torchrun or by the user) win;
-then Slurm's SLURM_PROCID/SLURM_NTASKS; then Open MPI / PMI. Values already in the environment are
+then Open MPI / PMI (mpirun inside an sbatch job also sees the batch step's Slurm variables); then
+Slurm's SLURM_PROCID/SLURM_NTASKS. Values already in the environment are
 never overwritten: `export_env` only fills in the variables that are missing.
 """
 
@@ -34,10 +35,12 @@ def detect(env: dict[str, str] | None = None) -> DistEnv:
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
         return _from_torchrun(env)
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return _from_slurm(env)
+    # mpirun inside a Slurm job: its ranks inherit the batch step's SLURM_PROCID=0/SLURM_NTASKS, so
+    # the MPI launcher's own variables must win.
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
         return _from_mpi(env)
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return _from_slurm(env)
     return DistEnv(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
                    int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
 
@@ -51,7 +54,7 @@ def _from_torchrun(env: dict[str, str]) -> DistEnv:
 
 def _from_slurm(env: dict[str, str]) -> DistEnv:
     world = int(env["SLURM_NTASKS"])
-    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
     addr = env.get("MASTER_ADDR") or head_node_address(env.get("SLURM_JOB_NODELIST", "localhost"))
     # A job-specific port lets two jobs share a node without colliding.
     port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)

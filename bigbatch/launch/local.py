@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from torch.distributed import run as torch_run
 
 
@@ -28,6 +30,10 @@ def launch(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str 
 def run_module(nproc_per_node: int, bigbatch_args: list[str], nnodes: int = 1, node_rank: int = 0,
                rdzv_endpoint: str | None = None) -> int:
     """`python -m bigbatch ARGS` on every rank. A failed rank makes torchrun stop the others."""
+    # Slurm signals every process of the step, this agent included, before the time limit (USR1) or
+    # on `scancel --signal`. USR1 would kill the agent while its workers checkpoint; a Python no-op
+    # keeps it alive (unlike SIG_IGN it is not inherited across exec: workers install their own).
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
     parser = torch_run.get_args_parser()
     args = parser.parse_args(torchrun_args(nproc_per_node, nnodes, node_rank, rdzv_endpoint,
                                            bigbatch_args))
