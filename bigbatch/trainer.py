@@ -73,7 +73,11 @@ class Trainer:
             if action is GuardAction.ROLLBACK:
                 self.rollback()
                 continue
-            grad_norm = self.optimizer_step() if action is GuardAction.OK else float("nan")
+            if action is GuardAction.OK:
+                grad_norm = self.optimizer_step()
+                self.guard.record(loss)  # the spike threshold follows accepted losses only
+            else:
+                grad_norm = self.discard_gradients()
             self.last_grad_norm = grad_norm
             self.counters.step += 1
             self.counters.samples += batch
@@ -107,6 +111,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def discard_gradients(self) -> float:
+        """A skipped step (non-finite loss): its gradients must not leak into the next step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return math.nan
 
     def agreed_flags(self) -> tuple[bool, bool]:
         """(preempt, time-based checkpoint due), OR-ed over all ranks; no collective when unused."""

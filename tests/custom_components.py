@@ -41,3 +41,23 @@ class SignallingMLP(nn.Module):
             if self.calls == self.signal_at and int(os.environ.get("RANK", 0)) == 1:
                 os.kill(os.getpid(), signal.SIGUSR1)
         return self.net(x)
+
+
+class GlitchyMLP(nn.Module):
+    """An MLP whose training forward passes number `nan_at` returns NaN logits and number `spike_at`
+    returns logits scaled by -1000 (confidently wrong: a loss spike); 0 disables either."""
+
+    def __init__(self, d_in: int, classes: int, nan_at: int = 0, spike_at: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, classes))
+        self.nan_at, self.spike_at, self.calls = nan_at, spike_at, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.nan_at:
+                return out * float("nan")
+            if self.calls == self.spike_at:
+                return out * -1000.0  # confidently wrong: a huge loss
+        return out

@@ -60,15 +60,17 @@ class CheckpointManager:
         path = resolve_resume(self.root, self.cfg.resume, log=self.log if self.runtime.is_main else None)
         if path is None:
             return None
-        return self.load(path)
-
-    def load(self, path: Path) -> dict:
-        meta = load_checkpoint(path, self.replicated, self.per_rank, rank=self.runtime.rank,
-                               world_size=self.runtime.world_size)
-        if self.runtime.is_main:
+        meta = self.load(path)
+        if self.runtime.is_main:  # before the metrics file is opened: rows after the checkpoint go
             dropped = truncate_after(self.run_dir / METRICS_FILE, meta["step"])
             self.log(f"resumed from {path} (step {meta['step']}, {meta['samples']} samples"
                      + (f"; dropped {dropped} newer metrics rows)" if dropped else ")"))
+        return meta
+
+    def load(self, path: Path) -> dict:
+        """Restore every registered state (also used by the guard's rollback, which keeps metrics)."""
+        meta = load_checkpoint(path, self.replicated, self.per_rank, rank=self.runtime.rank,
+                               world_size=self.runtime.world_size)
         self.last_saved_step = meta["step"]
         return meta
 
