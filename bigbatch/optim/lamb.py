@@ -28,10 +28,12 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from bigbatch.optim.lars import NormFn, group_by_device_dtype, local_norms, ratio_or_one
+from bigbatch.optim.layerwise import LayerwiseOptimizer, NormFn, local_norms, ratio_or_one  # noqa: F401
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(LayerwiseOptimizer):
+    GROUP_DEFAULTS = {"trust_clip": None, "bias_correction": True}
+
     """LAMB; see the module docstring for the exact update.
 
     Args:
@@ -62,50 +64,17 @@ class LAMB(torch.optim.Optimizer):
         if trust_clip is not None and trust_clip <= 0:
             raise ValueError(f"trust_clip: must be > 0 or None, got {trust_clip}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, trust_clip=trust_clip, foreach=foreach,
-                        exclude_from_adaptation=False)
-        super().__init__(params, defaults)
-        self.norm_fn: NormFn = norm_fn if norm_fn is not None else local_norms
+                        bias_correction=bias_correction, trust_clip=trust_clip, foreach=foreach)
+        super().__init__(params, defaults, norm_fn)
 
-    def set_norm_fn(self, norm_fn: Optional[NormFn]) -> None:
-        """Use `norm_fn` (list of tensors -> 1-D tensor of L2 norms) for ‖w‖ and ‖u‖; None = local."""
-        self.norm_fn = norm_fn if norm_fn is not None else local_norms
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("exclude_from_adaptation", False)
-            group.setdefault("trust_clip", None)
-            group.setdefault("bias_correction", True)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = int(state["step"]) + 1
-            foreach = group["foreach"]
-            if foreach is None or foreach:
-                for bucket in group_by_device_dtype(params):
-                    self._foreach_update(group, bucket)
-            else:
-                for p in params:
-                    self._single_update(group, p)
-        return loss
+    def _init_state(self, group: dict, params: list[Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = int(state["step"]) + 1
 
     # ------------------------------------------------------------------ shared pieces
 

@@ -42,39 +42,17 @@ It can be given to the constructor or set later with :meth:`LARS.set_norm_fn`; i
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
 
-NormFn = Callable[[list[Tensor]], Tensor]
+from bigbatch.optim.layerwise import (LayerwiseOptimizer, NormFn, group_by_device_dtype,  # noqa: F401
+                                       local_norms, ratio_or_one)
 
+class LARS(LayerwiseOptimizer):
+    GROUP_DEFAULTS = {"clip": False, "nesterov": False}
 
-def local_norms(tensors: list[Tensor]) -> Tensor:
-    """L2 norm of each tensor (one device), as a 1-D tensor; float32 at least for half precision."""
-    if not tensors:
-        return torch.zeros(0)
-    dtype = tensors[0].dtype
-    norm_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=norm_dtype))
-
-
-def group_by_device_dtype(params: list[Tensor]) -> list[list[Tensor]]:
-    """Split `params` into buckets sharing device and dtype (foreach kernels need that), in order."""
-    buckets: dict[tuple, list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.device, p.dtype), []).append(p)
-    return list(buckets.values())
-
-
-def ratio_or_one(numerator: Tensor, denominator: Tensor, w_norm: Tensor, u_norm: Tensor) -> Tensor:
-    """numerator / denominator where both ‖w‖ > 0 and ‖u‖ > 0, else 1 (elementwise, no NaNs)."""
-    ok = (w_norm > 0) & (u_norm > 0)
-    safe = torch.where(ok, denominator, torch.ones_like(denominator))
-    return torch.where(ok, numerator / safe, torch.ones_like(numerator))
-
-
-class LARS(torch.optim.Optimizer):
     """LARS / LARC; see the module docstring for the exact update and the ``norm_fn`` hook.
 
     Args:
@@ -109,43 +87,8 @@ class LARS(torch.optim.Optimizer):
             raise ValueError("nesterov: requires momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, clip=clip,
-                        foreach=foreach, exclude_from_adaptation=False)
-        super().__init__(params, defaults)
-        self.norm_fn: NormFn = norm_fn if norm_fn is not None else local_norms
-
-    def set_norm_fn(self, norm_fn: Optional[NormFn]) -> None:
-        """Use `norm_fn` (list of tensors -> 1-D tensor of L2 norms) for ‖w‖ and ‖g‖; None = local."""
-        self.norm_fn = norm_fn if norm_fn is not None else local_norms
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("exclude_from_adaptation", False)
-            group.setdefault("clip", False)
-            group.setdefault("nesterov", False)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-            foreach = group["foreach"]
-            if foreach is None or foreach:
-                for bucket in group_by_device_dtype(params):
-                    self._foreach_update(group, bucket)
-            else:
-                for p in params:
-                    self._single_update(group, p)
-        return loss
+                        foreach=foreach)
+        super().__init__(params, defaults, norm_fn)
 
     # ------------------------------------------------------------------ shared pieces
 
