@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from bigbatch.compression.factory import build_compressor
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
+from bigbatch.distributed.diloco import DiLoCoStrategy, build_pseudo_grad_compressor
 from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
@@ -87,7 +88,21 @@ class LRPolicy:
         return self.peak(global_batch) * self.schedule.factor(samples)
 
 
+def build_diloco(cfg: Config, model: torch.nn.Module, runtime: Runtime) -> DiLoCoStrategy:
+    d, c = cfg.diloco, cfg.diloco.compression
+    compressor = build_pseudo_grad_compressor(
+        c.method, rank=c.rank, start_step=c.start_step, min_compression_rate=c.min_compression_rate,
+        error_feedback=c.error_feedback, warm_start=c.warm_start, orthogonalization=c.orthogonalization,
+        seed=c.seed)
+    return DiLoCoStrategy(model, runtime.device, replicas=d.replicas, inner_steps=d.inner_steps,
+                          outer_optimizer=d.outer_optimizer.model_dump(), compressor=compressor,
+                          offload=d.offload, bucket_cap_mb=cfg.distributed.bucket_cap_mb,
+                          count_intra_bytes=d.count_intra_bytes, fragments=d.fragments, mixing=d.mixing)
+
+
 def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
+    if cfg.distributed.strategy == "diloco":  # also single-process: one replica (Lookahead)
+        return build_diloco(cfg, model, runtime)
     if not runtime.distributed:
         return SingleProcess(model)
     if cfg.distributed.strategy != "ddp":
@@ -125,6 +140,20 @@ def build_guard(cfg: GuardConfig):
                       rollback=cfg.rollback, skip_batches=cfg.skip_batches)
 
 
+def wire_states(strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
+    """What the checkpoint holds once (replicated) and per rank, and the after-step hooks, in order."""
+    replicated = {"model": model, "optimizer": optimizer, **more, **({"noise_scale": noise} if noise else {})}
+    per_rank = {"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})}
+    after_step = [strategy.comm_metrics] + ([noise] if noise else [])
+    if isinstance(strategy, DiLoCoStrategy):
+        # Replicas differ inside a cycle: each rank also keeps its own model and inner optimizer
+        # (loaded after the replicated copy, which stays as a fallback when the world size changes).
+        replicated["diloco"] = strategy.replicated_state()
+        per_rank.update(diloco_rank=strategy.per_rank_state(), replica_model=model, replica_optimizer=optimizer)
+        after_step.insert(0, strategy.after_step)  # the outer step's bytes belong to this step's row
+    return replicated, per_rank, after_step
+
+
 def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     """Everything a run needs, wired together; `trainer.checkpointer.resume()` restores a checkpoint."""
     if cfg.run.deterministic:
@@ -143,11 +172,10 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     sampler = GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size)
     counters, guard = Counters(), build_guard(cfg.guard)
     progress = Progress(cfg.metrics.progress, total, cfg.metrics.log_every_steps, active=runtime.is_main)
+    replicated, per_rank, after_step = wire_states(strategy, model, optimizer, noise, counters=counters,
+                                                   sampler=sampler, guard=guard)
     checkpointer = CheckpointManager(
-        cfg.checkpoint, cfg.run_dir, runtime,
-        replicated={"model": model, "optimizer": optimizer, "counters": counters, "sampler": sampler,
-                    "guard": guard, **({"noise_scale": noise} if noise else {})},
-        per_rank={"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})},
+        cfg.checkpoint, cfg.run_dir, runtime, replicated=replicated, per_rank=per_rank,
         meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
         config_text=cfg.to_yaml(), log=progress.write)
     return Trainer(
@@ -157,4 +185,4 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
         precision=cfg.precision, guard=guard, counters=counters,
-        after_step=[strategy.comm_metrics] + ([noise] if noise else []))
+        after_step=after_step)

@@ -158,6 +158,35 @@ class CompressionConfig(Section):
     seed: int = _f(0, "powersgd: seed of the initial Q")
 
 
+class OuterOptimizerConfig(Section):
+    name: Literal["sgd"] = _f("sgd", "outer optimizer (SGD on the pseudo-gradient)")
+    lr: float = _f(0.7, "outer learning rate", gt=0)
+    momentum: float = _f(0.9, "outer momentum", ge=0, lt=1)
+    nesterov: bool = _f(True, "Nesterov outer momentum (DiLoCo's choice)")
+
+
+class PseudoGradCompressionConfig(Section):
+    method: Literal["none", "fp16", "bf16", "powersgd"] = _f("none", "how pseudo-gradients travel")
+    rank: int = _f(2, "powersgd: rank", gt=0)
+    start_step: int = _f(0, "powersgd: plain all-reduce for this many outer steps", ge=0)
+    min_compression_rate: float = _f(2.0, "powersgd: compress only tensors shrunk at least this much", gt=0)
+    error_feedback: bool = _f(True, "powersgd: carry the residual to the next outer step")
+    warm_start: bool = _f(True, "powersgd: reuse Q between outer steps")
+    orthogonalization: Literal["gram_schmidt", "qr"] = _f("gram_schmidt", "powersgd: orthogonalization")
+    seed: int = _f(0, "powersgd: seed of the initial Q")
+
+
+class DiLoCoConfig(Section):
+    replicas: int = _f(2, "k: model replicas; the world is k replicas x m ranks (DDP inside a replica)", gt=0)
+    inner_steps: int = _f(50, "H: local steps between outer synchronisations", gt=0)
+    outer_optimizer: OuterOptimizerConfig = _f(OuterOptimizerConfig(), "outer optimizer")
+    compression: PseudoGradCompressionConfig = _f(PseudoGradCompressionConfig(), "pseudo-gradient compression")
+    offload: bool = _f(True, "keep the global weights and outer optimizer state on the CPU")
+    count_intra_bytes: bool = _f(True, "route intra-replica gradients through the accounting hook")
+    fragments: int = _f(1, "streaming DiLoCo: parameter fragments synchronised on a staggered schedule", gt=0)
+    mixing: float = _f(0.0, "streaming DiLoCo: local weight kept when a fragment syncs (alpha)", ge=0, lt=1)
+
+
 class CheckpointConfig(Section):
     every_steps: Optional[int] = _f(None, "save every this many steps", gt=0)
     every_minutes: Optional[float] = _f(None, "save every this many minutes", gt=0)
@@ -226,6 +255,7 @@ class Config(Section):
     distributed: DistributedConfig = _f(DistributedConfig(), "parallelism and process group")
     precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast for forward/backward")
     compression: CompressionConfig = _f(CompressionConfig(), "gradient compression (DDP only)")
+    diloco: DiLoCoConfig = _f(DiLoCoConfig(), "DiLoCo inner/outer optimization (distributed.strategy: diloco)")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpoints and resume")
     guard: GuardConfig = _f(GuardConfig(), "loss-spike guard")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
@@ -336,9 +366,23 @@ def semantic_problems(cfg: Config) -> list[str]:
         problems.append("lr.cycle_samples: required by the cyclic schedule")
     problems += _batch_schedule_problems(cfg.batch)
     problems += _compression_problems(cfg)
+    problems += _diloco_problems(cfg)
     from bigbatch.slurm.render import sbatch_option_problems  # local: slurm imports config
 
     problems += sbatch_option_problems(cfg.slurm)
+    return problems
+
+
+def _diloco_problems(cfg: Config) -> list[str]:
+    if cfg.distributed.strategy != "diloco":
+        return []
+    problems = []
+    if cfg.metrics.noise_scale or cfg.batch.adaptive.enabled:
+        problems.append("metrics.noise_scale / batch.adaptive: not with distributed.strategy=diloco, whose "
+                        "gradients are averaged only inside a replica; turn them off")
+    if cfg.diloco.fragments > cfg.diloco.inner_steps:
+        problems.append(f"diloco.fragments: {cfg.diloco.fragments} fragments need at least as many inner "
+                        f"steps (diloco.inner_steps={cfg.diloco.inner_steps})")
     return problems
 
 

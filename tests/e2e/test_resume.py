@@ -33,6 +33,7 @@ def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1, extra
 BATCHES = {
     "plain": {"global_batch": 16},
     "powersgd": {"global_batch": 16},  # with PowerSGD compression: error feedback is per-rank state
+    "diloco": {"global_batch": 16},    # DiLoCo, 2 replicas, H=4: checkpoints every 3 land mid-cycle
     "accumulation": {"global_batch": 16, "micro_batch": 4},  # 2 micro-batches per rank
     "ramp": {"global_batch": 32, "schedule": {"kind": "ramp", "start": 8, "increment": 8,
                                                "ramp_samples": 96}},
@@ -44,8 +45,12 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
     batch = BATCHES[kind]
     accum = 2 if "micro_batch" in batch else 1
     kill_step = random.Random(kind).randint(EVERY + 1, STEPS - 1)
-    extra = {"compression": {"method": "powersgd", "rank": 1, "start_step": 2,
-                             "min_compression_rate": 1.0}} if kind == "powersgd" else None
+    extra = {
+        "powersgd": {"compression": {"method": "powersgd", "rank": 1, "start_step": 2,
+                                     "min_compression_rate": 1.0}},
+        "diloco": {"distributed": {"strategy": "diloco"},
+                   "diloco": {"replicas": 2, "inner_steps": 4, "compression": {"method": "fp16"}}},
+    }.get(kind)
     reference = run(tmp_path, "reference", batch, die_at=0, extra=extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
