@@ -27,6 +27,7 @@ from bigbatch.optim.batch_schedule import BatchSchedule
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
+from bigbatch.remat import apply_remat
 from bigbatch.trainer import Trainer
 
 
@@ -160,7 +161,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)  # same init on every rank
     data = build_data(cfg.data, cfg.run.seed)
-    model = build_model(cfg.model, data).to(runtime.device)
+    model = apply_remat(build_model(cfg.model, data), cfg.remat.policy, cfg.remat.k).to(runtime.device)
     seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
     strategy = build_strategy(cfg, model, runtime)
     optimizer = build_optimizer(model, cfg.optim)
@@ -184,5 +185,5 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         total_samples=total, max_steps=cfg.run.max_steps,
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
-        precision=cfg.precision, guard=guard, counters=counters,
-        after_step=after_step)
+        precision=cfg.precision, guard=guard, counters=counters, after_step=after_step,
+        activation_every=cfg.remat.measure_every_steps)

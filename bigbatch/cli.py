@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--dry-run", action="store_true",
                         help="write RUN_DIR/job.sbatch, check it with `sbatch --test-only`, submit nothing")
 
+    plan = sub.add_parser("plan", help="per-rank memory under ddp/zero1/2/3 and remat; largest micro-batch")
+    _add_config_args(plan)
+    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB, 24GiB")
+
     report = sub.add_parser("report", help="plot a run's metrics into PNG files")
     report.add_argument("run_dir")
     return parser
@@ -140,6 +145,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from bigbatch.plan import plan_run
+
+    if args.world_size < 1:
+        raise ValueError("--world-size: must be at least 1")
+    print(plan_run(cfg, args.world_size, args.device_memory))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bigbatch.report import write_report
 
@@ -149,7 +164,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "launch": cmd_launch, "lr-find": cmd_lr_find, "bench": cmd_bench,
-            "submit": cmd_submit,
+            "submit": cmd_submit, "plan": cmd_plan,
             "report": cmd_report}
 
 

@@ -187,6 +187,14 @@ class DiLoCoConfig(Section):
     mixing: float = _f(0.0, "streaming DiLoCo: local weight kept when a fragment syncs (alpha)", ge=0, lt=1)
 
 
+class RematConfig(Section):
+    policy: Literal["none", "full", "every_k", "selective"] = _f(
+        "none", "activation rematerialization of model.blocks")
+    k: int = _f(2, "every_k: recompute every k-th block", gt=0)
+    measure_every_steps: Optional[int] = _f(
+        10, "log activation_bytes (saved for backward, one micro-batch) every N steps; null: never", gt=0)
+
+
 class CheckpointConfig(Section):
     every_steps: Optional[int] = _f(None, "save every this many steps", gt=0)
     every_minutes: Optional[float] = _f(None, "save every this many minutes", gt=0)
@@ -256,6 +264,7 @@ class Config(Section):
     precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast for forward/backward")
     compression: CompressionConfig = _f(CompressionConfig(), "gradient compression (DDP only)")
     diloco: DiLoCoConfig = _f(DiLoCoConfig(), "DiLoCo inner/outer optimization (distributed.strategy: diloco)")
+    remat: RematConfig = _f(RematConfig(), "activation rematerialization")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpoints and resume")
     guard: GuardConfig = _f(GuardConfig(), "loss-spike guard")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from bigbatch.activation_memory import SavedTensorMeter
 from bigbatch.checkpoint.stateful import Counters
 from bigbatch.config import split_batch
 from bigbatch.evaluate import evaluate, task_loss
@@ -50,6 +51,8 @@ class Trainer:
     counters: Counters = field(default_factory=Counters)
     last_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
+    activation_every: int | None = None   # log saved-activation bytes every N steps
+    _meter: Any = None
     current_batch: int | None = None
     last_loss: float = math.nan
     last_grad_norm: float = math.nan
@@ -98,13 +101,22 @@ class Trainer:
         for i, chunk in enumerate(indices.split(micro)):
             x, y = (t.to(self.runtime.device) for t in self.data.train.batch(chunk))
             with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
-                loss = task_loss(model(x), y)
+                with self.activation_meter(i):
+                    loss = task_loss(model(x), y)
                 (loss / accum).backward()  # mean over the rank's share of the global batch
             loss_sum += loss.detach()
         # Every rank saw an equal share, so the mean of rank means is the global-batch mean, and every
         # rank gets the same number: the guard's decision is the same everywhere.
         mean_loss = self.strategy.all_reduce_mean(loss_sum / accum).item()
         return mean_loss, self.guard.check(mean_loss, self.counters.step + 1)
+
+    def activation_meter(self, micro_index: int) -> contextlib.AbstractContextManager:
+        """Counts bytes saved for backward by the first micro-batch, at step 1 and every N steps."""
+        step, every = self.counters.step + 1, self.activation_every
+        if micro_index or every is None or (step % every and step != 1):
+            return contextlib.nullcontext()
+        self._meter = SavedTensorMeter(self.strategy.module)
+        return self._meter
 
     def optimizer_step(self) -> float:
         grad_norm = self.clip_gradients()
@@ -194,6 +206,8 @@ class Trainer:
                "samples_per_s": batch / step_time if step_time > 0 else 0.0, "time": time.time()}
         if skipped:
             row["skipped"] = True
+        if self._meter is not None:
+            row["activation_bytes"], self._meter = self._meter.bytes, None
         for hook in self.after_step:
             row.update(hook(self))
         self.metrics.write(row)
