@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -70,5 +71,9 @@ def distributed_runtime(cfg: DistributedConfig) -> Iterator[Runtime]:
         yield Runtime(info.rank, info.world_size, info.local_rank, device,
                       backend if info.world_size > 1 else None)
     finally:
+        # The trainer's reference cycles keep DDP's reducer and gloo's pending work alive; freed at
+        # interpreter shutdown they abort the process ("terminate called without an active exception").
+        # Collect them now, while the interpreter and the process group still exist.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
