@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigbatch.config import load_config, validate_config
+from bigbatch.config import Config, ConfigError, load_config, validate_config
 from bigbatch.slurm.render import (EXTRA_OPTIONS, log_pattern, render_sbatch, sbatch_option_problems,
                                    sbatch_quote, signal_number)
 from tests.conftest import tiny_config, write_config
@@ -189,11 +189,10 @@ def test_pinned_run_directory_loads_back_exactly(tmp_path):
 
 
 def test_line_break_in_an_sbatch_value_or_the_run_directory_is_refused_and_backslash_there(tmp_path):
-    cfg = validate_config(tiny_config(tmp_path, slurm={"partition": "a\nb"}))
-    assert sbatch_option_problems(cfg.slurm) == [
+    assert problems(tmp_path, partition="a\nb") == [
         "slurm.partition: a line break cannot be expressed on an #SBATCH line; remove it"]
-    with pytest.raises(ValueError, match="slurm.partition"):
-        render(cfg, tmp_path / "r")
+    with pytest.raises(ValueError, match="slurm.partition"):  # render checks again on its own
+        render(unchecked_config(tmp_path, slurm={"partition": "a\nb"}), tmp_path / "r")
     for run_dir in (tmp_path / "x\ntouch pwned", tmp_path / "a\\b"):
         with pytest.raises(ValueError, match="run.name / run.out_dir"):
             render(validate_config(tiny_config(tmp_path)), run_dir)
@@ -201,8 +200,23 @@ def test_line_break_in_an_sbatch_value_or_the_run_directory_is_refused_and_backs
 
 # ----------------------------------------------------------------------------- option validation
 
-def problems(tmp_path, **slurm):
-    return sbatch_option_problems(validate_config(tiny_config(tmp_path, slurm=slurm)).slurm)
+def problems(tmp_path, **slurm) -> list[str]:
+    """What config validation (which includes the slurm section) reports for this slurm section."""
+    try:
+        validate_config(tiny_config(tmp_path, slurm=slurm))
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def unchecked_config(tmp_path, **sections) -> Config:
+    """A config past pydantic's types only, to test the renderer's own checks."""
+    return Config.model_validate(tiny_config(tmp_path, **sections))
+
+
+def test_option_problems_are_the_ones_config_validation_reports(tmp_path):
+    slurm = {"extra": {"bogus": 1}, "signal": "KILL@10"}
+    assert sbatch_option_problems(unchecked_config(tmp_path, slurm=slurm).slurm) == problems(tmp_path, **slurm)
 
 
 def test_unknown_extra_option_names_the_key_and_lists_valid_ones(tmp_path):
@@ -230,7 +244,7 @@ def test_all_problems_are_reported_together(tmp_path):
     assert [p.split(":")[0] for p in found] == ["slurm.extra.bogus", "slurm.signal", "slurm.env.1BAD",
                                                 "slurm.time"]
     with pytest.raises(ValueError, match="slurm.extra.bogus"):
-        render(validate_config(tiny_config(tmp_path, slurm={"extra": {"bogus": 1}})), tmp_path / "r")
+        render(unchecked_config(tmp_path, slurm={"extra": {"bogus": 1}}), tmp_path / "r")
 
 
 @pytest.mark.parametrize("spec,problem", [

@@ -82,9 +82,9 @@ def test_refused_job_carries_sbatchs_message(tmp_path, fake_sbatch, monkeypatch)
 
 
 def test_invalid_slurm_section_is_a_config_error_before_anything_is_written(tmp_path, fake_sbatch):
-    config, cfg = loaded(tmp_path, slurm={"extra": {"bogus": 1}})
+    # The slurm section is validated with the rest of the config, before submit can start.
     with pytest.raises(ConfigError, match="slurm.extra.bogus"):
-        submit(cfg, config, [], dry_run=False)
+        loaded(tmp_path, slurm={"extra": {"bogus": 1}})
     assert not (tmp_path / "runs").exists() and not fake_sbatch.exists()
 
 
