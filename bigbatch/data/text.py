@@ -1,12 +1,16 @@
 """Language-model data: character-level text files, or a flat binary file of token ids.
 
+Text comes from a file, the files under a folder that match a glob, or the members of an archive
+(.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz, .zip) that match the glob, read in memory without unpacking.
 Both are cut into non-overlapping windows of seq_len + 1 tokens; window i gives inputs
 tokens[i·T : i·T+T] and targets shifted by one. The last `val_fraction` of the stream is held out.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -39,21 +43,74 @@ def _bundle(tokens: np.ndarray, seq_len: int, val_fraction: float, vocab: int, k
     return DataBundle(train, val, "lm", (seq_len,), vocab)
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+ZIP_SUFFIXES = (".zip",)
+
+
+def is_archive(path: str | Path) -> bool:
+    """True for a file whose name ends like a tar or zip archive."""
+    name = Path(path).name.lower()
+    return Path(path).is_file() and name.endswith(TAR_SUFFIXES + ZIP_SUFFIXES)
+
+
+def member_matches(name: str, pattern: str) -> bool:
+    """Glob `pattern` against an archive member, from the right like Path.rglob: '*.txt' matches
+    'pkg/texts/a.txt'; 'texts/*.txt' matches it too, 'other/*.txt' does not."""
+    return PurePosixPath(name).match(pattern)
+
+
+def archive_texts(path: str | Path, pattern: str) -> dict[str, str]:
+    """The regular-file members of an archive matching `pattern`, name -> UTF-8 text, sorted by name."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(ZIP_SUFFIXES):
+            with zipfile.ZipFile(path) as archive:
+                names = [i.filename for i in archive.infolist() if not i.is_dir()]
+                chosen = sorted(n for n in names if member_matches(n, pattern))
+                raw = {n: archive.read(n) for n in chosen}
+        else:
+            # One pass in stored order: a compressed stream cannot seek back without decompressing
+            # again from the start. The compression is detected from the content.
+            with tarfile.open(path, "r|*") as archive:
+                raw = {m.name: archive.extractfile(m).read() for m in archive
+                       if m.isfile() and member_matches(m.name, pattern)}
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(f"data.path: cannot read the archive {path}: {err}; "
+                         "point it at a valid .tar[.gz|.bz2|.xz], .tgz or .zip") from err
+    return {n: raw[n].decode("utf-8", errors="replace") for n in sorted(raw)}
+
+
 def text_files(path: str | Path, pattern: str) -> list[Path]:
+    """A plain file itself, or the files under a folder matching `pattern` (sorted)."""
     path = Path(path)
     return [path] if path.is_file() else sorted(p for p in path.rglob(pattern) if p.is_file())
 
 
+def read_texts(path: str | Path, pattern: str) -> list[str]:
+    """The texts `data.path` and `data.glob` select: archive members, a file, or a folder's files."""
+    if is_archive(path):
+        return list(archive_texts(path, pattern).values())
+    return [f.read_text(encoding="utf-8", errors="replace") for f in text_files(path, pattern)]
+
+
 def load_text(path: str | Path, pattern: str, seq_len: int, val_fraction: float) -> DataBundle:
-    """Character-level corpus: the vocabulary is the sorted set of characters in all files."""
-    files = text_files(path, pattern)
-    if not files:
-        raise ValueError(f"data.path: no files matching data.glob={pattern!r} under {path}")
-    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    vocab = sorted(set(text))
-    lookup = {ch: i for i, ch in enumerate(vocab)}
-    tokens = np.fromiter((lookup[c] for c in text), dtype=np.int64, count=len(text))
-    return _bundle(tokens, seq_len, val_fraction, len(vocab), "data.path")
+    """Character-level corpus: the vocabulary is the sorted set of characters in all texts."""
+    texts = read_texts(path, pattern)
+    if not texts:
+        where = "in the archive" if is_archive(path) else "under"
+        raise ValueError(f"data.path: no files matching data.glob={pattern!r} {where} {path}")
+    tokens, vocab_size = char_ids("\n".join(texts))
+    return _bundle(tokens, seq_len, val_fraction, vocab_size, "data.path")
+
+
+def char_ids(text: str) -> tuple[np.ndarray, int]:
+    """Each character's rank in the sorted set of distinct characters, and that set's size.
+    Vectorised over code points (UTF-32), so a corpus of millions of characters takes milliseconds."""
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    present = np.zeros(int(codes.max(initial=0)) + 1, dtype=bool)
+    present[codes] = True
+    rank = np.cumsum(present, dtype=np.int64) - 1  # code point -> index in sorted(set(text))
+    return rank[codes], int(present.sum())
 
 
 def load_tokens(path: str | Path, dtype: str, seq_len: int, val_fraction: float,
