@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Integration tests start a real local Slurm cluster and run Open MPI; installed when root.
 APT_TEST_PACKAGES ?= slurmctld slurmd slurm-client munge openmpi-bin
-DEV_EXTRAS ?= dev,mpi,slurm
+DEV_EXTRAS ?= dev,mpi,slurm,deepspeed
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-dev dataset system-test-deps demo test clean

@@ -17,6 +17,7 @@ from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
 from bigbatch.distributed.diloco import DiLoCoStrategy, build_pseudo_grad_compressor
+from bigbatch.distributed.zero import SHARDED_STRATEGIES, build_sharding_strategy
 from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
@@ -45,8 +46,13 @@ def batch_schedule_from(batch: BatchConfig) -> BatchSchedule:
 
 
 def world_problems(cfg: Config, world_size: int) -> list[str]:
-    """Checks that need the world size: every batch the schedule will use must split over the ranks."""
+    """Checks that need the world size: every batch the schedule will use must split over the ranks,
+    and sharding needs ranks to shard over."""
     problems = []
+    if world_size == 1 and cfg.distributed.strategy in SHARDED_STRATEGIES:
+        problems.append(f"distributed.strategy: {cfg.distributed.strategy} shards state over ranks, and this "
+                        "is one process; launch 2 or more ranks (bigbatch launch --nproc-per-node 2) or use "
+                        "ddp (a zero2/zero3 checkpoint reshards to any number of ranks >= 2)")
     for global_batch in batch_schedule_from(cfg.batch).all_batches():
         try:
             split_batch(global_batch, world_size, cfg.batch.micro_batch)
@@ -106,15 +112,28 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
         return build_diloco(cfg, model, runtime)
     if not runtime.distributed:
         return SingleProcess(model)
-    if cfg.distributed.strategy != "ddp":
-        raise ValueError(f"distributed.strategy: '{cfg.distributed.strategy}' is not available yet; use ddp")
     comp = cfg.compression
     settings = dict(rank=comp.rank, start_step=comp.start_step, min_compression_rate=comp.min_compression_rate,
                     error_feedback=comp.error_feedback, warm_start=comp.warm_start, seed=comp.seed)
     if comp.method == "torch_powersgd":
-        return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb, None, torch_powersgd=settings)
-    compressor = build_compressor(comp.method, orthogonalization=comp.orthogonalization, **settings)
-    return DDPStrategy(model, runtime.device, cfg.distributed.bucket_cap_mb, compressor)
+        ddp_kwargs = dict(compressor=None, torch_powersgd=settings)
+    else:
+        ddp_kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization,
+                                                      **settings))
+    ddp_kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
+    if cfg.distributed.strategy == "ddp":
+        return DDPStrategy(model, runtime.device, **ddp_kwargs)
+    deepspeed_kwargs = dict(stage=cfg.deepspeed.stage, grad_clip=cfg.optim.grad_clip,
+                            micro_batch=cfg.batch.micro_batch, overrides=cfg.deepspeed.config)
+    return build_sharding_strategy(cfg.distributed.strategy, model, runtime.device, ddp_kwargs=ddp_kwargs,
+                                   deepspeed_kwargs=deepspeed_kwargs)
+
+
+def build_strategy_optimizer(strategy, model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Sharding strategies decide what the optimizer steps (whole tensors, DTensor shards, an engine)."""
+    if hasattr(strategy, "build_optimizer"):
+        return strategy.build_optimizer(cfg.optim)
+    return build_optimizer(model, cfg.optim)
 
 
 def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
@@ -142,8 +161,14 @@ def build_guard(cfg: GuardConfig):
 
 
 def wire_states(strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
-    """What the checkpoint holds once (replicated) and per rank, and the after-step hooks, in order."""
-    replicated = {"model": model, "optimizer": optimizer, **more, **({"noise_scale": noise} if noise else {})}
+    """What the checkpoint holds once (replicated) and per rank, and the after-step hooks, in order.
+
+    Sharding strategies replace the model and optimizer entries (`checkpoint_states`): zero1's
+    optimizer is gathered on rank 0 before a save; zero2/zero3/deepspeed save both through their
+    `sharded_checkpoint` instead."""
+    weights = (strategy.checkpoint_states(optimizer) if hasattr(strategy, "checkpoint_states")
+               else {"model": model, "optimizer": optimizer})
+    replicated = {**weights, **more, **({"noise_scale": noise} if noise else {})}
     per_rank = {"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})}
     after_step = [strategy.comm_metrics] + ([noise] if noise else [])
     if isinstance(strategy, DiLoCoStrategy):
@@ -164,7 +189,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     model = apply_remat(build_model(cfg.model, data), cfg.remat.policy, cfg.remat.k).to(runtime.device)
     seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
     strategy = build_strategy(cfg, model, runtime)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_strategy_optimizer(strategy, model, cfg)
     batch_at = batch_schedule_from(cfg.batch).batch_at
     total = total_samples(cfg, len(data.train), batch_at)  # adaptive growth is not foreseen here
     noise = build_noise_monitor(cfg, strategy, runtime, batch_at)
@@ -178,7 +203,8 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     checkpointer = CheckpointManager(
         cfg.checkpoint, cfg.run_dir, runtime, replicated=replicated, per_rank=per_rank,
         meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
-        config_text=cfg.to_yaml(), log=progress.write)
+        config_text=cfg.to_yaml(), log=progress.write,
+        sharded=strategy.sharded_checkpoint(optimizer) if hasattr(strategy, "sharded_checkpoint") else None)
     return Trainer(
         runtime=runtime, strategy=strategy, optimizer=optimizer, data=data, sampler=sampler,
         batch_at=batch_at, lr_at=LRPolicy(cfg, total), micro_batch=cfg.batch.micro_batch,

@@ -187,6 +187,11 @@ class DiLoCoConfig(Section):
     mixing: float = _f(0.0, "streaming DiLoCo: local weight kept when a fragment syncs (alpha)", ge=0, lt=1)
 
 
+class DeepSpeedConfig(Section):
+    stage: int = _f(2, "ZeRO stage 0-3 (distributed.strategy: deepspeed)", ge=0, le=3)
+    config: dict[str, Any] = _f({}, "more DeepSpeed JSON config, merged over what bigbatch sets")
+
+
 class RematConfig(Section):
     policy: Literal["none", "full", "every_k", "selective"] = _f(
         "none", "activation rematerialization of model.blocks")
@@ -264,6 +269,7 @@ class Config(Section):
     precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast for forward/backward")
     compression: CompressionConfig = _f(CompressionConfig(), "gradient compression (DDP only)")
     diloco: DiLoCoConfig = _f(DiLoCoConfig(), "DiLoCo inner/outer optimization (distributed.strategy: diloco)")
+    deepspeed: DeepSpeedConfig = _f(DeepSpeedConfig(), "DeepSpeed engine (distributed.strategy: deepspeed)")
     remat: RematConfig = _f(RematConfig(), "activation rematerialization")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpoints and resume")
     guard: GuardConfig = _f(GuardConfig(), "loss-spike guard")
@@ -376,9 +382,24 @@ def semantic_problems(cfg: Config) -> list[str]:
     problems += _batch_schedule_problems(cfg.batch)
     problems += _compression_problems(cfg)
     problems += _diloco_problems(cfg)
+    problems += _sharding_problems(cfg)
     from bigbatch.slurm.render import sbatch_option_problems  # local: slurm imports config
 
     problems += sbatch_option_problems(cfg.slurm)
+    return problems
+
+
+def _sharding_problems(cfg: Config) -> list[str]:
+    from bigbatch.distributed.zero import deepspeed_problems, zero_problems  # local: imports torch
+
+    strategy, optim = cfg.distributed.strategy, cfg.optim
+    noise = cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
+    # compression problems of zero2/zero3 are reported by _compression_problems
+    problems = (zero_problems(strategy, optim.name, optim.impl, "none", noise)
+                + deepspeed_problems(strategy, cfg.deepspeed.stage, optim.name))
+    if strategy == "deepspeed" and noise:
+        problems.append("metrics.noise_scale / batch.adaptive: the noise scale needs per-rank gradients "
+                        "before averaging, which only the DDP hook sees; use ddp or zero1, not deepspeed")
     return problems
 
 
@@ -399,10 +420,11 @@ def _compression_problems(cfg: Config) -> list[str]:
     comp = cfg.compression
     if comp.method == "none":
         return []
-    if cfg.distributed.strategy not in ("ddp",):
-        return [f"compression.method: gradient compression hooks are DDP-only; with distributed.strategy="
-                f"{cfg.distributed.strategy} set compression.method: none (DiLoCo compresses its "
-                "pseudo-gradients with diloco.compression)"]
+    if cfg.distributed.strategy not in ("ddp", "zero1"):
+        return [f"compression.method: gradient compression hooks into DDP (ddp, zero1); with "
+                f"distributed.strategy={cfg.distributed.strategy} set compression.method: none (FSDP and "
+                "DeepSpeed reduce gradients themselves; DiLoCo compresses its pseudo-gradients with "
+                "diloco.compression)"]
     if comp.method == "torch_powersgd" and comp.start_step <= 1 and (comp.error_feedback or comp.warm_start):
         return ["compression.start_step: torch's PowerSGD hook needs start_step >= 2 when error_feedback "
                 "or warm_start is on"]

@@ -16,20 +16,30 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mea
                            reduction=reduction)
 
 
+def rank_positions(size: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, valid): every world_size-th sample from `rank`, padded with sample 0 so that every
+    rank runs the same number of forward passes (sharded models all-gather inside each forward)."""
+    positions = torch.arange(math.ceil(size / world_size)) * world_size + rank
+    valid = positions < size
+    return torch.where(valid, positions, torch.zeros_like(positions)), valid
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, task: str, strategy, rank: int, world_size: int,
              batch_size: int, max_batches: int | None, device: torch.device, autocast) -> dict:
     """Each rank evaluates every world_size-th sample; sums are all-reduced, so any world size agrees."""
     was_training = model.training
     model.eval()
-    indices = torch.arange(rank, len(split), world_size)
+    indices, valid = rank_positions(len(split), rank, world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for i, chunk in enumerate(indices.split(batch_size)):
+    for i, (chunk, keep) in enumerate(zip(indices.split(batch_size), valid.split(batch_size))):
         if max_batches is not None and i >= max_batches:
             break
         x, y = (t.to(device) for t in split.batch(chunk))
         with autocast():
             logits = model(x)
+        keep = keep.to(device)
+        logits, y = logits[keep], y[keep]
         totals[0] += task_loss(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(-1) == y).sum().double()
         totals[2] += y.numel()

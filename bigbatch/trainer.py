@@ -103,7 +103,7 @@ class Trainer:
             with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
                 with self.activation_meter(i):
                     loss = task_loss(model(x), y)
-                (loss / accum).backward()  # mean over the rank's share of the global batch
+                self.strategy.backward(loss / accum)  # mean over the rank's share of the global batch
             loss_sum += loss.detach()
         # Every rank saw an equal share, so the mean of rank means is the global-batch mean, and every
         # rank gets the same number: the guard's decision is the same everywhere.
@@ -119,8 +119,7 @@ class Trainer:
         return self._meter
 
     def optimizer_step(self) -> float:
-        grad_norm = self.clip_gradients()
-        self.optimizer.step()
+        grad_norm = self.strategy.optimizer_step(self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -191,12 +190,6 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16,
                               enabled=self.precision == "bf16")
-
-    def clip_gradients(self) -> float:
-        """Global gradient norm before clipping (clipping only when optim.grad_clip is set)."""
-        params = [p for p in self.strategy.module.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
 
     def log_step(self, loss: float, lr: float, batch: int, grad_norm: float, step_time: float,
                  skipped: bool) -> dict:

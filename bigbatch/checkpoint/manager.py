@@ -1,7 +1,8 @@
 """When to checkpoint, what goes in, and resuming: the trainer's side of the checkpoint store.
 
 Replicated state (written once, by rank 0): model, optimizer, counters, sampler identity, guard and
-any extra Statefuls a strategy registers. Per-rank state: RNG streams and, when compression is on,
+any extra Statefuls a strategy registers. Sharded state (zero2/zero3 through torch DCP, DeepSpeed's
+engine) is written by every rank into the same step directory. Per-rank state: RNG streams and, when compression is on,
 error-feedback buffers. Resume loads both and drops metrics rows newer than the checkpoint.
 """
 
@@ -21,10 +22,11 @@ from bigbatch.metrics import METRICS_FILE, truncate_after
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, runtime: Any, replicated: dict,
-                 per_rank: dict, meta_extra: dict, config_text: str, log: Callable[[str], None] = print):
+                 per_rank: dict, meta_extra: dict, config_text: str, log: Callable[[str], None] = print,
+                 sharded: Any = None):
         self.cfg, self.run_dir, self.runtime = cfg, Path(run_dir), runtime
         self.root = self.run_dir / "checkpoints"
-        self.replicated, self.per_rank = replicated, per_rank
+        self.replicated, self.per_rank, self.sharded = replicated, per_rank, sharded
         self.meta_extra, self.config_text, self.log = meta_extra, config_text, log
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
@@ -48,7 +50,7 @@ class CheckpointManager:
         path = save_checkpoint(self.root, step, samples, self.replicated, self.per_rank,
                                rank=self.runtime.rank, world_size=self.runtime.world_size,
                                meta_extra=self.meta_extra, files_extra={"config.yaml": self.config_text},
-                               barrier=self._barrier)
+                               barrier=self._barrier, sharded=self.sharded)
         if self.runtime.is_main:
             prune_checkpoints(self.root, self.cfg.keep_last)
         self._barrier()
@@ -70,7 +72,7 @@ class CheckpointManager:
     def load(self, path: Path) -> dict:
         """Restore every registered state (also used by the guard's rollback, which keeps metrics)."""
         meta = load_checkpoint(path, self.replicated, self.per_rank, rank=self.runtime.rank,
-                               world_size=self.runtime.world_size)
+                               world_size=self.runtime.world_size, sharded=self.sharded)
         self.last_saved_step = meta["step"]
         return meta
 

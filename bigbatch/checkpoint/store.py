@@ -8,6 +8,8 @@ Layout under the checkpoint root (one run):
         rank-00000.pt        rank 0's own states (RNG streams, compression error feedback, ...)
         rank-00001.pt        ... one file per rank of the world that saved
         config.yaml          `files_extra`: text files stored beside the tensors (resolved config)
+        dcp/                 `sharded`: states no single rank holds (zero2/zero3 through torch DCP,
+                             DeepSpeed's own files), written by every rank and checksummed like the rest
         meta.json            written LAST: step, samples, world size, version, sha256 of every file
 
 A save writes everything into a hidden sibling `.tmp-step-00000120/`, renames it into place, and only
@@ -69,8 +71,13 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
                     per_rank: Mapping[str, Stateful], *, rank: int, world_size: int,
                     meta_extra: Mapping[str, Any] | None = None,
                     files_extra: Mapping[str, str] | None = None,
-                    barrier: Callable[[], None] | None = None) -> Path:
+                    barrier: Callable[[], None] | None = None, sharded: Any = None) -> Path:
     """Save one checkpoint; every rank calls it with the same step. Returns the step directory.
+
+    A replicated state with a `before_save()` method (a ZeroRedundancyOptimizer gathering its shards
+    on rank 0) has it called on every rank first. `sharded` (an object with `dirname`, `save(dir)`
+    and `load(dir)`, e.g. `bigbatch.distributed.zero.DCPCheckpoint`) is saved by every rank into
+    `step-N/<dirname>/`; its files are checksummed in meta.json like the others.
 
     `barrier` synchronises all ranks (e.g. `torch.distributed.barrier`); it may be left out only when
     world_size is 1. It is called three times: after rank 0 prepared the temp dir, after every rank
@@ -86,6 +93,9 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
     _check_extras(extra_meta, extra_files)
     final = root / step_dir_name(step)
     tmp = root / (_TMP_PREFIX + final.name)
+    for state in replicated.values():  # collectives: every rank, before rank 0 writes
+        if callable(getattr(state, "before_save", None)):
+            state.before_save()
 
     if rank == 0:  # stale temp dirs can only come from a killed save; one save runs at a time
         root.mkdir(parents=True, exist_ok=True)
@@ -96,6 +106,8 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
         raise RuntimeError(f"rank {rank} cannot see {tmp}; the checkpoint root must be on a filesystem "
                            "shared by all ranks")
     _save_states(tmp / rank_file_name(rank), per_rank)
+    if sharded is not None:
+        sharded.save(tmp / sharded.dirname)
     if rank == 0:
         _save_states(tmp / REPLICATED, replicated)
         for name, text in extra_files.items():
@@ -109,10 +121,16 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
                 "torch_version": torch.__version__,
                 "replicated_keys": sorted(replicated), "per_rank_keys": sorted(per_rank),
                 **extra_meta}
-        expected = [REPLICATED, *(rank_file_name(r) for r in range(world_size)), *extra_files]
+        expected = [REPLICATED, *(rank_file_name(r) for r in range(world_size)), *extra_files,
+                    *(files_under(tmp, sharded.dirname) if sharded is not None else [])]
         _commit(tmp, final, meta, expected)
     barrier()
     return final
+
+
+def files_under(root: Path, dirname: str) -> list[str]:
+    """Every file under root/dirname, as sorted paths relative to root."""
+    return sorted(str(p.relative_to(root)) for p in (root / dirname).rglob("*") if p.is_file())
 
 
 def _commit(tmp: Path, final: Path, meta: dict, files: list[str]) -> None:
@@ -273,7 +291,7 @@ def resolve_resume(root: Path | str, resume: str, log: Callable[[str], None] | N
 # ---------------------------------------------------------------------------------------- loading
 
 def load_checkpoint(path: Path | str, replicated: Mapping[str, Stateful], per_rank: Mapping[str, Stateful],
-                    *, rank: int, world_size: int, strict: bool = False) -> dict:
+                    *, rank: int, world_size: int, strict: bool = False, sharded: Any = None) -> dict:
     """Load a checkpoint into the given objects; returns its meta.json contents.
 
     Every rank loads replicated.pt; rank r loads rank-r's file. Each file read is checked against its
@@ -281,12 +299,16 @@ def load_checkpoint(path: Path | str, replicated: Mapping[str, Stateful], per_ra
     error feedback) have no owner to go to: they are skipped with a warning, or ValueError when
     strict. An object whose key is missing from the checkpoint is likewise a warning (kept as is), or
     ValueError when strict. States in the checkpoint that nobody asked for are ignored.
+    `sharded` (see save_checkpoint) loads from `step-N/<dirname>/` on every rank, resharding when the
+    world size changed, after its files' checksums are verified.
     """
     path = Path(path)
     meta, reason = _read_meta(path)
     if reason:
         raise ValueError(f"cannot load {path}: {reason}")
     _load_into(path, REPLICATED, meta, replicated, strict)
+    if sharded is not None:
+        _load_sharded(path, meta, sharded)
     if not per_rank:
         return meta
     if meta["world_size"] != world_size:
@@ -298,6 +320,18 @@ def load_checkpoint(path: Path | str, replicated: Mapping[str, Stateful], per_ra
         return meta
     _load_into(path, rank_file_name(rank), meta, per_rank, strict)
     return meta
+
+
+def _load_sharded(path: Path, meta: dict, sharded: Any) -> None:
+    names = [n for n in meta["files"] if n.startswith(sharded.dirname + "/")]
+    if not names:
+        raise ValueError(f"cannot load {path}: it holds no {sharded.dirname}/ states; it was saved by a run "
+                         f"with another distributed.strategy (meta.json says {meta.get('strategy')!r})")
+    for name in names:
+        reason = _check_file(path / name, meta["files"][name], checksum=True)
+        if reason:
+            raise ValueError(f"cannot load {path}: {reason}")
+    sharded.load(path / sharded.dirname)
 
 
 def _load_into(path: Path, name: str, meta: dict, targets: Mapping[str, Stateful], strict: bool) -> None:

@@ -1,7 +1,8 @@
 """Data parallelism: the model replicated on every rank, gradients averaged once per optimizer step.
 
 A strategy owns model wrapping and gradient sync. The trainer asks it for `sync_context(last)` around
-each micro-batch's backward and for `all_reduce_*` on scalars; with one process both are no-ops.
+each micro-batch's `backward(loss)`, for `optimizer_step(optimizer, grad_clip)` and for `all_reduce_*`
+on scalars; with one process the context and the reductions are no-ops.
 Under DDP every gradient bucket goes through bigbatch's communication hook, so the configured
 compressor (none, fp16, bf16, PowerSGD) does the averaging and the Communicator counts every byte.
 """
@@ -52,6 +53,19 @@ class SingleProcess:
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         return contextlib.nullcontext()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> float:
+        """Clip (when grad_clip is set) and step; returns the global gradient norm before clipping.
+
+        For sharded (DTensor) gradients clip_grad_norm_ already reduces over the shards."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = grad_clip if grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return norm.item()
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -71,7 +85,22 @@ class SingleProcess:
         return stats
 
 
-class DDPStrategy(SingleProcess):
+class CommReductions:
+    """Scalar all-reduces through the strategy's Communicator (counted under kind 'metrics')."""
+
+    comm: Communicator
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(tensor, "metrics", op="sum")
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(tensor, "metrics", op="avg")
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(tensor, "metrics", op="max")
+
+
+class DDPStrategy(CommReductions, SingleProcess):
     """torch DistributedDataParallel with bigbatch's comm hook; all-reduce on the last micro-batch only."""
 
     def __init__(self, model: nn.Module, device: torch.device, bucket_cap_mb: float,
@@ -91,12 +120,3 @@ class DDPStrategy(SingleProcess):
         # Accumulating micro-batches need no communication: DDP's no_sync() defers the all-reduce
         # to the last backward, which then averages the summed gradients once.
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="sum")
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="avg")
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="max")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -35,6 +36,9 @@ BATCHES = {
     "powersgd": {"global_batch": 16},  # with PowerSGD compression: error feedback is per-rank state
     "diloco": {"global_batch": 16},    # DiLoCo, 2 replicas, H=4: checkpoints every 3 land mid-cycle
     "accumulation": {"global_batch": 16, "micro_batch": 4},  # 2 micro-batches per rank
+    "zero1": {"global_batch": 16, "micro_batch": 4},  # optimizer state gathered on rank 0 to save
+    "zero3": {"global_batch": 16},     # FSDP2 shards: model and optimizer in step-N/dcp/
+    "deepspeed": {"global_batch": 16},  # ZeRO-2 partitions in DeepSpeed's own files, step-N/deepspeed/
     "ramp": {"global_batch": 32, "schedule": {"kind": "ramp", "start": 8, "increment": 8,
                                                "ramp_samples": 96}},
 }
@@ -42,12 +46,17 @@ BATCHES = {
 
 @pytest.mark.parametrize("kind", list(BATCHES))
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
+    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install '.[deepspeed]')")
     batch = BATCHES[kind]
     accum = 2 if "micro_batch" in batch else 1
     kill_step = random.Random(kind).randint(EVERY + 1, STEPS - 1)
     extra = {
         "powersgd": {"compression": {"method": "powersgd", "rank": 1, "start_step": 2,
                                      "min_compression_rate": 1.0}},
+        "zero1": {"distributed": {"strategy": "zero1"}},
+        "zero3": {"distributed": {"strategy": "zero3"}},
+        "deepspeed": {"distributed": {"strategy": "deepspeed"}, "deepspeed": {"stage": 2}},
         "diloco": {"distributed": {"strategy": "diloco"},
                    "diloco": {"replicas": 2, "inner_steps": 4, "compression": {"method": "fp16"}}},
     }.get(kind)
