@@ -7,8 +7,9 @@ Table 1, per policy: bytes saved for backward by one forward + loss (measured wi
 the planner's estimate beside it, and the median forward+backward time over timed iterations after
 warmup (policies interleaved round-robin, so drift of the machine hits all alike). The goal: full
 remat saves ≥ 3× fewer bytes at ≤ 1.35× the step time of no remat.
-Table 2 (analytic, from the planner): per-rank parameter, gradient and AdamW-state bytes of this GPT
-under ddp and zero1/2/3 on 2 and 4 ranks.
+Table 2: per-rank parameter, gradient and AdamW-state bytes of this GPT under ddp and zero1/2/3 on 2
+and 4 ranks from the planner, and beside them the optimizer-state bytes measured on real gloo ranks
+(the largest over the ranks, after one AdamW step through each strategy).
 Writes OUT/remat.png (bars: bytes and step time per policy).
 """
 
@@ -27,6 +28,7 @@ from bigbatch.activation_memory import measure_saved_bytes
 from bigbatch.models.gpt import GPT
 from bigbatch.planner import (STRATEGIES, GPTSpec, format_bytes, optimizer_state_bytes, rank_state)
 from bigbatch.remat import POLICIES, apply_remat
+from bigbatch.testing import run_ranks
 
 FULL = dict(n_layer=12, d_model=256, n_head=8, seq_len=256, vocab=65, batch=8, warmup=2, iters=7)
 QUICK = dict(n_layer=2, d_model=32, n_head=2, seq_len=16, vocab=65, batch=2, warmup=1, iters=2)
@@ -84,17 +86,46 @@ def remat_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def zero_table(spec: GPTSpec, optimizer: str = "adamw") -> str:
+def measured_state_bytes(rank: int, world_size: int, size: dict) -> dict[str, int]:
+    """On one gloo rank: this rank's AdamW state bytes after one step, per strategy."""
+    from bigbatch.compression.factory import build_compressor
+    from bigbatch.config import OptimConfig
+    from bigbatch.distributed.ddp import DDPStrategy
+    from bigbatch.distributed.zero import ShardedStrategy, Zero1Strategy, optimizer_state_bytes as held
+    from bigbatch.optim.factory import build_optimizer
+
+    cpu, found = torch.device("cpu"), {}
+    idx = torch.randint(0, size["vocab"], (1, size["seq_len"]))
+    for name in STRATEGIES:
+        torch.manual_seed(0)
+        model = GPT(size["vocab"], size["seq_len"], size["n_layer"], size["n_head"], size["d_model"])
+        if name in ("ddp", "zero1"):
+            cls = DDPStrategy if name == "ddp" else Zero1Strategy
+            strategy = cls(model, cpu, 25.0, build_compressor("none"))
+        else:
+            strategy = ShardedStrategy(model, cpu, stage=int(name[-1]))
+        cfg = OptimConfig(name="adamw", lr=1e-3)
+        optimizer = (strategy.build_optimizer(cfg) if hasattr(strategy, "build_optimizer")
+                     else build_optimizer(strategy.module, cfg))
+        lm_loss(strategy.model(idx), idx).backward()
+        optimizer.step()
+        found[name] = held(optimizer)
+    return found
+
+
+def zero_table(spec: GPTSpec, size: dict, optimizer: str = "adamw") -> str:
     per_param = optimizer_state_bytes(optimizer)
     lines = [f"per-rank model state, {spec.n_params:,} parameters, {optimizer} "
-             f"({per_param} B/param state), fp32:",
+             f"({per_param} B/param state), fp32 (planner; 'measured': largest rank, real gloo ranks):",
              f"{'ranks':>5} {'strategy':>8} {'params':>11} {'grads':>11} {'optimizer':>11} "
-             f"{'p+g+opt':>11} {'comm buf':>11}"]
+             f"{'measured':>11} {'p+g+opt':>11} {'comm buf':>11}"]
     for world in (2, 4):
+        measured = run_ranks(measured_state_bytes, world, size, timeout_s=300)
         for strategy in STRATEGIES:
             s = rank_state(strategy, spec, world, per_param)
+            top = max(rank[strategy] for rank in measured)
             lines.append(f"{world:>5} {strategy:>8} " + " ".join(
-                f"{format_bytes(v):>11}" for v in (s.params, s.grads, s.optimizer,
+                f"{format_bytes(v):>11}" for v in (s.params, s.grads, s.optimizer, top,
                                                    s.params + s.grads + s.optimizer, s.comm_buffers)))
     return "\n".join(lines)
 
@@ -138,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     print(remat_table(rows))
     print()
     print(zero_table(GPTSpec(size["n_layer"], size["d_model"], size["n_head"], size["vocab"],
-                             size["seq_len"])))
+                             size["seq_len"]), size))
     args.out.mkdir(parents=True, exist_ok=True)
     plot(rows, args.out / "remat.png")
     print(f"\nwrote {args.out / 'remat.png'}")
