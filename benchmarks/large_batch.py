@@ -223,7 +223,7 @@ def _fmt(value: Any, spec: str, missing: str = "-") -> str:
 
 def format_table(results: list[Result]) -> str:
     head = (f"{'row':<11}{'epochs':>7}{'batch':>7}{'optimizer':>10}{'peak lr':>9}{'steps':>7}"
-            f"{'final acc':>11}{'steps to ' + str(TARGET):>14}{'gap (pts)':>11}{'wall s':>8}")
+            f"{'final acc':>11}{'steps to ' + str(TARGET):>14}{'gap (pts)':>11}{'wall s':>8}{'cpu s':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
         final = f"div@{r.diverged_at}" if r.diverged_at is not None else _fmt(r.final_acc, ".4f")

@@ -7,7 +7,7 @@ import time
 from bigbatch.build import build_trainer
 from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
-from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals
+from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
 
 def run_training(cfg: Config, runtime: Runtime) -> dict:
@@ -22,7 +22,8 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
     # USR1 (Slurm's time-limit warning) and TERM (preemption) only set a flag; at the next step
     # boundary all ranks checkpoint together and rank 0 requeues the job when under Slurm.
     trainer.preemption = PreemptionHandler(preemption_signals(cfg.slurm.signal), rank=runtime.rank,
-                                           requeue=cfg.slurm.requeue, log=trainer.progress.write)
+                                           requeue=cfg.slurm.requeue, log=trainer.progress.write,
+                                           requeue_signals=[time_limit_signal(cfg.slurm.signal)])
     start = time.perf_counter()
     try:
         with trainer.preemption:

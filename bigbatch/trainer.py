@@ -22,8 +22,9 @@ class NoPreemption:
 
     installed = False
     requested = False
+    wants_requeue = False
 
-    def after_checkpoint(self) -> None:
+    def after_checkpoint(self, requeue_agreed: bool | None = None) -> None:
         pass
 
 
@@ -62,10 +63,10 @@ class Trainer:
         self.strategy.model.train()
         row, timer = {}, time.perf_counter()
         while not self.finished():
-            preempted, time_due = self.agreed_flags()
+            preempted, time_due, requeue = self.agreed_flags()
             if preempted:  # all ranks saw the flag at the same step boundary
                 self.checkpointer.save(self.counters.step, self.counters.samples)
-                self.preemption.after_checkpoint()  # rank 0 requeues the job
+                self.preemption.after_checkpoint(requeue)  # rank 0 requeues on the time-limit signal
                 self.stopped_early = True
                 return row
             batch = self.batch_at(self.counters.samples)
@@ -128,14 +129,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return math.nan
 
-    def agreed_flags(self) -> tuple[bool, bool]:
-        """(preempt, time-based checkpoint due), OR-ed over all ranks; no collective when unused."""
+    def agreed_flags(self) -> tuple[bool, bool, bool]:
+        """(preempt, time-based checkpoint due, requeue wanted), OR-ed over all ranks; no collective
+        when unused."""
         if not (self.preemption.installed or self.checkpointer.cfg.every_minutes):
-            return False, False
-        flags = torch.tensor([self.preemption.requested, self.checkpointer.time_due()], dtype=torch.float32,
-                             device=self.runtime.device)
-        preempt, time_due = (self.strategy.all_reduce_max(flags) > 0).tolist()
-        return preempt, time_due
+            return False, False, False
+        flags = torch.tensor([self.preemption.requested, self.checkpointer.time_due(),
+                              self.preemption.wants_requeue], dtype=torch.float32, device=self.runtime.device)
+        preempt, time_due, requeue = (self.strategy.all_reduce_max(flags) > 0).tolist()
+        return preempt, time_due, requeue
 
     def rollback(self) -> None:
         """Loss spike: reload the latest checkpoint, then skip the batches the guard asks to skip."""

@@ -5,10 +5,15 @@ The flow the trainer wires up (one rank's view):
     handler = PreemptionHandler(preemption_signals(cfg.slurm.signal), rank=runtime.rank,
                                 requeue=cfg.slurm.requeue).install()
     ...at each step boundary...
-    if handler.agreed(all_reduce_max):   # every rank calls this (or ORs `requested` into its own
-        checkpoint()                     #   all-reduce); committed on every rank before requeue
-        handler.after_checkpoint()       # only global rank 0 runs `scontrol requeue`
-        return                           # every rank exits 0
+    if handler.agreed(all_reduce_max):   # every rank calls this (or ORs `requested` and
+        checkpoint()                     #   `wants_requeue` into its own all-reduce)
+        handler.after_checkpoint()       # only global rank 0 runs `scontrol requeue`, and only
+        return                           #   for the time-limit signal; every rank exits 0
+
+Only the time-limit signal (`slurm.signal`, USR1 by default) requeues. TERM is what `scancel` sends
+as well as what preemption sends before killing, and the two cannot be told apart: so TERM
+checkpoints and exits 0 without requeueing. A job preempted with Slurm's PreemptMode=REQUEUE is
+requeued by Slurm itself and resumes from that checkpoint; a cancelled job stays cancelled.
 
 A signal can arrive on one rank before another, or in the middle of a collective; so the handler
 only sets a flag (no I/O, no torch calls, nothing that can deadlock or run twice), and the ranks act
@@ -29,11 +34,15 @@ DEFAULT_SIGNALS = ("USR1", "TERM")
 REQUEUE_TIMEOUT_S = 60
 
 
+def time_limit_signal(slurm_signal: str = "USR1@120") -> str:
+    """The signal name of slurm.signal ('USR1@120', 'R:SIGUSR2@60' -> 'USR1', 'USR2')."""
+    name = slurm_signal.split(":")[-1].split("@")[0]
+    return name[3:] if name.startswith("SIG") else name
+
+
 def preemption_signals(slurm_signal: str = "USR1@120") -> tuple[str, ...]:
     """The configured time-limit signal (slurm.signal, e.g. 'USR1@120') plus TERM (preemption)."""
-    name = slurm_signal.split(":")[-1].split("@")[0]
-    name = name[3:] if name.startswith("SIG") else name
-    return tuple(dict.fromkeys((name, "TERM")))
+    return tuple(dict.fromkeys((time_limit_signal(slurm_signal), "TERM")))
 
 
 def _signum(name: str | int) -> int:
@@ -47,8 +56,10 @@ class PreemptionHandler:
     """Remembers that a preemption or time-limit signal arrived; see the module doc for the flow."""
 
     def __init__(self, signals: Iterable[str | int] = DEFAULT_SIGNALS, *, rank: int = 0,
-                 requeue: bool = True, log: Callable[[str], None] | None = None):
+                 requeue: bool = True, log: Callable[[str], None] | None = None,
+                 requeue_signals: Iterable[str | int] = ("USR1",)):
         self.signals = tuple(_signum(s) for s in signals)
+        self.requeue_signals = frozenset(_signum(s) for s in requeue_signals)
         self.rank, self.requeue, self.log = rank, requeue, log
         self.received: int | None = None  # the first signal number seen
         self.requeued = False
@@ -63,6 +74,11 @@ class PreemptionHandler:
     def requested(self) -> bool:
         """True once this process received one of the signals."""
         return self.received is not None
+
+    @property
+    def wants_requeue(self) -> bool:
+        """True once this process received a signal that asks for a requeue (the time-limit one)."""
+        return self.received in self.requeue_signals
 
     @property
     def installed(self) -> bool:
@@ -98,10 +114,15 @@ class PreemptionHandler:
         return bool(all_reduce_max(flag).item() > 0)
 
     # -- after the checkpoint: requeue ----------------------------------------------------------
-    def after_checkpoint(self) -> bool:
-        """Requeue (global rank 0, under Slurm, if `requeue`); True if Slurm accepted."""
-        if self.requeue:
+    def after_checkpoint(self, requeue_agreed: bool | None = None) -> bool:
+        """Requeue (global rank 0, under Slurm, if `requeue`) when a requeue signal arrived:
+        `requeue_agreed`, the OR of `wants_requeue` over the ranks, or this rank's own when None.
+        True if Slurm accepted."""
+        wanted = self.wants_requeue if requeue_agreed is None else requeue_agreed
+        if self.requeue and wanted:
             self.requeued = self.requeue_job(rank=self.rank, log=self.log)
+        elif self.log and self.rank == 0 and not wanted:
+            self.log("stopped by TERM (scancel or preemption): checkpoint saved, not requeued")
         return self.requeued
 
     @staticmethod

@@ -162,6 +162,28 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pat
     assert resumed == uninterrupted  # exact: deterministic CPU training resumes bitwise
 
 
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    # A run far longer than its 2-minute limit: Slurm sends USR1 once 90 s or less are left (its
+    # time-limit check runs about every 30 s, so 30-60 s after the start); the run must checkpoint,
+    # requeue itself and resume from that checkpoint. The resumed job is then cancelled.
+    cfg = job_config(tmp_path, "timelimit", nodes=1, ntasks_per_node=2, max_steps=10**7,
+                     slurm={"time": "00:02:00", "signal": "USR1@90"})
+    job = submit_job(cluster, tmp_path, cfg)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    log = ""
+    while time.monotonic() < deadline and "resumed from" not in log:  # (states flicker while requeued)
+        log = job.log_path.read_text() if job.log_path.exists() else ""
+        time.sleep(0.5)
+    cluster.run("scancel", job.job_id)  # TERM: checkpoint, no requeue, so the job stays cancelled
+    assert "resumed from" in log, f"no resume within {JOB_TIMEOUT} s:\n{log[-3000:]}"
+    saved = re.search(r"preempted: checkpoint at step (\d+) saved; job requeued", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert f"resumed from {cfg.run_dir / 'checkpoints' / f'step-{step:08d}'}" in log
+    assert cluster.job_field(job.job_id, "Restarts") == "1"
+    cluster.wait_for_state(job.job_id, ("CANCELLED",), 60)
+
+
 def wait_for_step(cluster, job, run_dir, step, timeout=JOB_TIMEOUT):
     """Poll metrics.jsonl until the run reached `step` (it must still be running then)."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals
+from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
 
 def test_signal_only_sets_the_flag():
@@ -94,9 +94,27 @@ def test_after_checkpoint_requeues_only_when_asked(monkeypatch):
     monkeypatch.setattr(PreemptionHandler, "requeue_job",
                         classmethod(lambda cls, env=None, *, rank=0, runner=None, log=None:
                                     calls.append(rank) or True))
-    assert PreemptionHandler(rank=0).after_checkpoint()
-    assert not PreemptionHandler(rank=0, requeue=False).after_checkpoint()
+    assert PreemptionHandler(rank=0).after_checkpoint(requeue_agreed=True)
+    assert not PreemptionHandler(rank=0, requeue=False).after_checkpoint(requeue_agreed=True)
     assert calls == [0]
+
+
+def test_only_the_time_limit_signal_requeues(monkeypatch):
+    # TERM is also what scancel sends: requeueing on it would make a job impossible to cancel.
+    monkeypatch.setattr(PreemptionHandler, "requeue_job",
+                        classmethod(lambda cls, env=None, *, rank=0, runner=None, log=None: True))
+    for received, requeued in ((signal.SIGUSR1, True), (signal.SIGTERM, False)):
+        handler = PreemptionHandler(["USR1", "TERM"], requeue_signals=["USR1"])
+        handler._on_signal(received, None)
+        assert handler.requested and handler.wants_requeue == requeued
+        assert handler.after_checkpoint() == requeued
+    other = PreemptionHandler(["USR2", "TERM"], requeue_signals=["USR2"])
+    other._on_signal(signal.SIGUSR2, None)
+    assert other.wants_requeue
+
+
+def test_time_limit_signal_is_the_name_in_slurm_signal():
+    assert [time_limit_signal(s) for s in ("USR1@120", "R:SIGUSR2@60", "TERM")] == ["USR1", "USR2", "TERM"]
 
 
 def test_installed_reflects_install_and_uninstall():
