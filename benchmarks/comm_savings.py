@@ -687,7 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (fixed sample budget)")
     parser.add_argument("--per-rank-batch", type=int, default=None)
     parser.add_argument("--input-size", type=int, default=None,
-                        help="Fashion-MNIST pooled to this many pixels a side (default 16)")
+                        help="Fashion-MNIST pooled to this many pixels a side (default 8)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"labels to run (default all: {', '.join(m.label for m in FULL_METHODS)})")
     args = parser.parse_args(argv)
