@@ -26,13 +26,18 @@ GRADIENT_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16"
 
 
 class LocalGradNorm:
-    """Sum of squared local gradient entries seen by the comm hook during one step (before averaging)."""
+    """Sum of squared local gradient entries seen by the comm hook during one step (before averaging).
+
+    Off until `enabled` is set (by the noise-scale monitor, its only reader): the sum is a pass over
+    every gradient and a host sync per bucket, in the middle of backward."""
 
     def __init__(self) -> None:
         self.sq_sum = 0.0
+        self.enabled = False
 
     def __call__(self, grads: list[torch.Tensor]) -> None:
-        self.sq_sum += float(sum(g.detach().float().square().sum() for g in grads))
+        if self.enabled:
+            self.sq_sum += float(sum(g.detach().float().square().sum() for g in grads))
 
     def take(self) -> float:
         value, self.sq_sum = self.sq_sum, 0.0
@@ -61,8 +66,9 @@ class SingleProcess:
 
         For sharded (DTensor) gradients clip_grad_norm_ already reduces over the shards."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = grad_clip if grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if grad_clip is not None:  # without clipping, skip clip's multiply by min(1, max/norm)
+            torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()
         return norm.item()
 

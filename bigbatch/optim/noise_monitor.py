@@ -20,6 +20,7 @@ class NoiseScaleMonitor:
     def __init__(self, strategy, world_size: int, ema_decay: float, adaptive=None):
         self.strategy, self.world_size, self.adaptive = strategy, world_size, adaptive
         self.estimator = NoiseScaleEstimator(ema_decay)
+        strategy.local_grad_norm.enabled = True  # the comm hook starts summing local squared norms
 
     def __call__(self, trainer) -> dict:
         small_sq = torch.tensor([self.strategy.local_grad_norm.take()], dtype=torch.float64)
