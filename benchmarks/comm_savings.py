@@ -108,32 +108,27 @@ idle machine); the load average is printed and recorded per run in the JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
+from benchmarks.netns_ranks import (NETNS_RUN, cluster, emulated_network, interruptible,  # noqa: E402
+                                    netns_problem, run_processes)
+
 OUT = Path(__file__).resolve().parent / "out"
-CLUSTER = REPO / "scripts" / "netns-cluster.sh"
-NETNS_RUN = REPO / "scripts" / "netns-run.sh"
 MASTER_ADDR, MASTER_PORT = "10.77.0.1", 29500
 FP32_BYTES = 4
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_")
 POWERSGD_RATE = 2.0  # min_compression_rate, ours and torch's
 START_STEP = 2  # PowerSGD's plain all-reduce steps (torch needs >= 2)
 ONE_BUCKET_MB = 64.0  # > 44.7 MB of ResNet-18 gradients: DDP makes a single bucket
@@ -259,47 +254,7 @@ def analytic_bytes(shapes: Sequence[tuple[int, ...]], compression: dict) -> int:
     return FP32_BYTES * elements
 
 
-# --------------------------------------------------------------------------- the emulated cluster
-
-def preflight_problem() -> str | None:
-    """Why the benchmark cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and tc need CAP_NET_ADMIN)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"'{tool}' not found; install iproute2"
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if listing.returncode != 0:
-        return f"'ip netns list' failed: {listing.stderr.strip()}"
-    ours = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("bb-")]
-    if ours:
-        return (f"bb-* namespaces already exist ({', '.join(ours)}): another run may be using them; "
-                "if not, remove them with scripts/netns-cluster.sh down")
-    return None
-
-
-def cluster(command: str, *args: str) -> None:
-    result = subprocess.run([str(CLUSTER), command, *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"netns-cluster.sh {command} {' '.join(args)} failed:\n{result.stderr}")
-
-
-@contextlib.contextmanager
-def emulated_network() -> Iterator[None]:
-    """Remove every bb-* namespace on the way out, however the block ends (Ctrl-C included)."""
-    try:
-        yield
-    finally:
-        cluster("down")
-
-
 # --------------------------------------------------------------------------- running ranks
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without any launcher variables (a rank must not inherit ours)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-
 
 def rank_command(node: int, config: Path, env: dict[str, str]) -> list[str]:
     """`netns-run.sh NODE env K=V... python -m bigbatch train CONFIG`."""
@@ -312,39 +267,6 @@ def ddp_env(rank: int, world: int) -> dict[str, str]:
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(MASTER_PORT), "GLOO_SOCKET_IFNAME": "veth0",
             "OMP_NUM_THREADS": "1"}
-
-
-def run_processes(commands: Sequence[list[str]], logs: Sequence[Path], timeout_s: float) -> None:
-    """Run the commands together; fail if one fails or the deadline passes. Whatever happens
-    (Ctrl-C included), every process started here is killed and reaped before returning."""
-    procs: list[subprocess.Popen] = []
-    try:
-        for command, log in zip(commands, logs):
-            with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-                procs.append(subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=out,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        print(f"    started pids {' '.join(str(p.pid) for p in procs)}", flush=True)
-        wait_all(procs, logs, timeout_s)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:  # not reaped yet, so its process group id is still ours
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_all(procs: Sequence[subprocess.Popen], logs: Sequence[Path], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(p.returncode is None for p in procs):
-        for proc, log in zip(procs, logs):
-            try:
-                code = proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            if code != 0:
-                tail = log.read_text()[-3000:]
-                raise RuntimeError(f"{' '.join(proc.args[:2])} ... exited with {code}; {log}:\n{tail}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ranks still running after {timeout_s:.0f} s; see {logs[0].parent}")
 
 
 def fresh_run(runs_dir: Path, name: str, raw: dict) -> Path:
@@ -716,24 +638,17 @@ def choose(args: argparse.Namespace) -> tuple[Setup, list[Method], list[str]]:
     return setup, methods, rates
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup, methods, rates = choose(args)
     if args.profile:
         print(profile_compression(setup))
         return 0
-    problem = preflight_problem()
+    problem = netns_problem()
     if problem:
         print(f"comm_savings: cannot run: {problem}", file=sys.stderr)
         return 2
-    # Ctrl-C and kill both unwind through the `finally`s. SIGINT is set explicitly: a shell starting us
-    # in the background leaves it ignored, and Python then installs no KeyboardInterrupt handler.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interruptible()
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
     started = time.perf_counter()
     try:

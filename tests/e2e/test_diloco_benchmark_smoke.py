@@ -5,7 +5,6 @@ the model's shape, and no rank process left behind."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, processes_mentioning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -33,18 +32,6 @@ def write_corpus(path: Path) -> str:
     text = " ".join(random.choice(words) for _ in range(3000))
     path.write_text(text)
     return text
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # not a process, or it just exited
-            continue
-        if proc.name.isdigit() and text in cmdline and int(proc.name) != os.getpid():
-            found.append(int(proc.name))
-    return found
 
 
 def test_quick_benchmark_reports_loss_bytes_and_plot(tmp_path):
