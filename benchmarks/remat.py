@@ -92,7 +92,6 @@ def measured_state_bytes(rank: int, world_size: int, size: dict) -> dict[str, in
     from bigbatch.config import OptimConfig
     from bigbatch.distributed.ddp import DDPStrategy
     from bigbatch.distributed.zero import ShardedStrategy, Zero1Strategy, optimizer_state_bytes as held
-    from bigbatch.optim.factory import build_optimizer
 
     cpu, found = torch.device("cpu"), {}
     idx = torch.randint(0, size["vocab"], (1, size["seq_len"]))
@@ -105,8 +104,7 @@ def measured_state_bytes(rank: int, world_size: int, size: dict) -> dict[str, in
         else:
             strategy = ShardedStrategy(model, cpu, stage=int(name[-1]))
         cfg = OptimConfig(name="adamw", lr=1e-3)
-        optimizer = (strategy.build_optimizer(cfg) if hasattr(strategy, "build_optimizer")
-                     else build_optimizer(strategy.module, cfg))
+        optimizer = strategy.build_optimizer(cfg)
         lm_loss(strategy.model(idx), idx).backward()
         optimizer.step()
         found[name] = held(optimizer)

@@ -22,7 +22,6 @@ from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
-from bigbatch.optim.factory import build_optimizer
 from bigbatch.optim.adaptive_batch import AdaptiveBatch
 from bigbatch.optim.batch_schedule import BatchSchedule
 from bigbatch.optim.lr_scaling import peak_lr
@@ -129,13 +128,6 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
                                    deepspeed_kwargs=deepspeed_kwargs)
 
 
-def build_strategy_optimizer(strategy, model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Sharding strategies decide what the optimizer steps (whole tensors, DTensor shards, an engine)."""
-    if hasattr(strategy, "build_optimizer"):
-        return strategy.build_optimizer(cfg.optim)
-    return build_optimizer(model, cfg.optim)
-
-
 def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
     """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch."""
     adaptive_cfg = cfg.batch.adaptive
@@ -166,9 +158,7 @@ def wire_states(strategy, model, optimizer, noise, **more: Any) -> tuple[dict, d
     Sharding strategies replace the model and optimizer entries (`checkpoint_states`): zero1's
     optimizer is gathered on rank 0 before a save; zero2/zero3/deepspeed save both through their
     `sharded_checkpoint` instead."""
-    weights = (strategy.checkpoint_states(optimizer) if hasattr(strategy, "checkpoint_states")
-               else {"model": model, "optimizer": optimizer})
-    replicated = {**weights, **more, **({"noise_scale": noise} if noise else {})}
+    replicated = {**strategy.checkpoint_states(optimizer), **more, **({"noise_scale": noise} if noise else {})}
     per_rank = {"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})}
     after_step = [strategy.comm_metrics] + ([noise] if noise else [])
     if isinstance(strategy, DiLoCoStrategy):
@@ -189,7 +179,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     model = apply_remat(build_model(cfg.model, data), cfg.remat.policy, cfg.remat.k).to(runtime.device)
     seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
     strategy = build_strategy(cfg, model, runtime)
-    optimizer = build_strategy_optimizer(strategy, model, cfg)
+    optimizer = strategy.build_optimizer(cfg.optim)  # sharding decides what the optimizer steps
     batch_at = batch_schedule_from(cfg.batch).batch_at
     total = total_samples(cfg, len(data.train), batch_at)  # adaptive growth is not foreseen here
     noise = build_noise_monitor(cfg, strategy, runtime, batch_at)
@@ -204,7 +194,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         cfg.checkpoint, cfg.run_dir, runtime, replicated=replicated, per_rank=per_rank,
         meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
         config_text=cfg.to_yaml(), log=progress.write,
-        sharded=strategy.sharded_checkpoint(optimizer) if hasattr(strategy, "sharded_checkpoint") else None)
+        sharded=strategy.sharded_checkpoint(optimizer))
     return Trainer(
         runtime=runtime, strategy=strategy, optimizer=optimizer, data=data, sampler=sampler,
         batch_at=batch_at, lr_at=LRPolicy(cfg, total), micro_batch=cfg.batch.micro_batch,

@@ -20,6 +20,7 @@ from bigbatch.compression.base import Compressor
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
 from bigbatch.distributed.comm import Communicator
+from bigbatch.optim.factory import build_optimizer
 
 GRADIENT_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
                   "powersgd_q", "powersgd_uncompressed", "torch_powersgd")
@@ -57,6 +58,18 @@ class SingleProcess:
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         return contextlib.nullcontext()
+
+    def build_optimizer(self, optim_cfg) -> torch.optim.Optimizer:
+        """`optim.name` over the module's parameters; sharding strategies decide what it steps."""
+        return build_optimizer(self.module, optim_cfg)
+
+    def checkpoint_states(self, optimizer) -> dict:
+        """The model/optimizer entries of replicated.pt (sharding strategies replace or drop them)."""
+        return {"model": self.module, "optimizer": optimizer}
+
+    def sharded_checkpoint(self, optimizer):
+        """States every rank saves into step-N/ itself (DCP, DeepSpeed); None: all fit replicated.pt."""
+        return None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

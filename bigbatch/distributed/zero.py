@@ -175,9 +175,6 @@ class Zero1Strategy(DDPStrategy):
         whose `before_save()` every rank must call before a save."""
         return {"model": self.module, "optimizer": Zero1OptimizerState(optimizer)}
 
-    def sharded_checkpoint(self, optimizer) -> None:
-        return None
-
 
 def shard_model(model: nn.Module, mesh: Any, stage: int) -> nn.Module:
     """FSDP2 in place: one unit per entry of `model.blocks` (when it has them), then the root.
