@@ -83,8 +83,11 @@ def _raise_failures(done: Future) -> None:
 def all_reduce_flat_async(tensors: Sequence[Tensor], comm: Communicator, kind: str) -> Future:
     """Start averaging `tensors`, one all-reduce per (device, dtype) of a flat buffer; the Future
     completes once the results are back in `tensors`."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if len(tensors) == 1 and tensors[0].is_contiguous():  # e.g. a whole DDP bucket: no unflatten step
+        return comm.all_reduce(tensors[0], kind, op="avg", async_op=True)
     futures = []
-    for group in group_by_dtype([t for t in tensors if t.numel() > 0]):
+    for group in group_by_dtype(tensors):
         flat = flatten(group)
         futures.append(comm.all_reduce(flat, kind, op="avg", async_op=True).then(
             functools.partial(_unflatten_done, group)))
@@ -102,6 +105,10 @@ def all_reduce_flat(tensors: Sequence[Tensor], comm: Communicator, kind: str) ->
 
 class Compressor(abc.ABC):
     """Averages gradients across a communicator's group, in place, possibly lossily."""
+
+    # True when each output entry depends only on that entry's values across ranks (plain or
+    # low-precision averaging): a DDP bucket's flat buffer can then be reduced as one nameless tensor.
+    elementwise = False
 
     def __init__(self) -> None:
         self.step = 0  # optimizer steps completed; advanced by `end_step`
@@ -134,6 +141,7 @@ class NoCompression(Compressor):
     """Plain averaging: one all-reduce of all the gradients in one flat buffer (`grad_allreduce`)."""
 
     kind = "grad_allreduce"
+    elementwise = True
 
     def reduce(self, named_grads: NamedGrads, comm: Communicator) -> None:
         self.reduce_async(named_grads, comm).wait()
@@ -153,6 +161,7 @@ class LowPrecision(Compressor):
     """
 
     _KINDS = {torch.float16: "grad_allreduce_fp16", torch.bfloat16: "grad_allreduce_bf16"}
+    elementwise = True
 
     def __init__(self, dtype: torch.dtype = torch.float16):
         super().__init__()

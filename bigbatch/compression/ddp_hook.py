@@ -9,8 +9,9 @@ as (parameter name, view into the bucket buffer) pairs, so the compressor's stat
 and survives DDP rebuilding its buckets after the first iteration, or a resume with another bucket
 size. The compressor works in place on those views, i.e. on the bucket buffer itself, through
 `compressor.reduce_async`; the hook returns its Future, resolving to the bucket buffer. NoCompression
-and LowPrecision issue one async all-reduce and return at once, so the transfer overlaps the rest of
-backward as with DDP's own hooks; PowerSGD runs its two dependent all-reduces before returning (its
+and LowPrecision (`compressor.elementwise`) get the bucket buffer as one nameless tensor, unless an
+observer is watching, issue one async all-reduce and return at once, so the transfer overlaps the rest
+of backward as with DDP's own hooks; PowerSGD runs its two dependent all-reduces before returning (its
 collectives are issued from the caller's thread, so every rank issues them in the same order).
 
 Steps: after the bucket DDP reports as last of the iteration (`bucket.is_last()`), the hook calls
@@ -25,6 +26,7 @@ means something in the process that built it.
 # No `from __future__ import annotations`: DDP checks that the hook's `bucket` annotation
 # is the GradBucket class itself, not a string.
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,6 +37,9 @@ from torch.futures import Future
 
 from bigbatch.compression.base import Compressor, flatten
 from bigbatch.distributed.comm import Communicator
+
+
+BUCKET_NAME = "<ddp bucket>"  # elementwise compressors keep no per-name state, so any name will do
 
 
 def param_names_by_id(module: nn.Module) -> dict[int, str]:
@@ -53,6 +58,8 @@ class CompressionHookState:
 
 def compression_hook(state: CompressionHookState, bucket: GradBucket) -> Future[torch.Tensor]:
     """Average one bucket's gradients with `state.compressor`; see the module docstring."""
+    if state.compressor.elementwise and not observing(state):
+        return _reduce_whole_buffer(state, bucket)
     grads = bucket.gradients()
     names = []
     for param in bucket.parameters():
@@ -76,6 +83,25 @@ def compression_hook(state: CompressionHookState, bucket: GradBucket) -> Future[
         return buffer
 
     return reduced.then(write_back)
+
+
+def observing(state: CompressionHookState) -> bool:
+    return state.observer is not None and getattr(state.observer, "enabled", True)
+
+
+def _reduce_whole_buffer(state: CompressionHookState, bucket: GradBucket) -> Future[torch.Tensor]:
+    """Elementwise compressors average the bucket buffer as one tensor: no names, no per-gradient
+    views, fewer Python callbacks on the communication thread (the hook's cost under plain DDP)."""
+    buffer = bucket.buffer()
+    reduced = state.compressor.reduce_async([(BUCKET_NAME, buffer)], state.comm)
+    if bucket.is_last():
+        state.compressor.end_step()
+    return reduced.then(functools.partial(_resolve_to, buffer))
+
+
+def _resolve_to(buffer: torch.Tensor, done: Future) -> torch.Tensor:
+    done.value()  # re-raise a failure
+    return buffer
 
 
 def register_compression_hook(ddp_model: nn.parallel.DistributedDataParallel, compressor: Compressor,
