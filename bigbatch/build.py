@@ -120,6 +120,10 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
         ddp_kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization,
                                                       **settings))
     ddp_kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
+    # The noise scale reads local gradients in the hook, so it needs bigbatch's hook even for none.
+    watches_gradients = cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
+    ddp_kwargs["native_allreduce"] = (comp.method == "none" and not comp.time_collectives
+                                      and not watches_gradients)
     if cfg.distributed.strategy == "ddp":
         return DDPStrategy(model, runtime.device, **ddp_kwargs)
     deepspeed_kwargs = dict(stage=cfg.deepspeed.stage, grad_clip=cfg.optim.grad_clip,

@@ -61,6 +61,7 @@ class Communicator:
         self._step: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [bytes, s]
         self._total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._uncompressed = [0.0, 0.0]  # [this step, cumulative]
+        self._untimed: set[str] = set()  # kinds counted without a clock
 
     # -- pickling: like torch's PowerSGDState, drop the process group (it cannot be pickled) --------
     def __getstate__(self) -> dict:
@@ -72,6 +73,7 @@ class Communicator:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_untimed", set())
         self._lock = threading.Lock()
         self._step = defaultdict(lambda: [0.0, 0.0], state["_step"])
         self._total = defaultdict(lambda: [0.0, 0.0], state["_total"])
@@ -90,10 +92,14 @@ class Communicator:
         return dist.get_rank(self.group)
 
     # -- accounting ----------------------------------------------------------------------------
-    def record(self, kind: str, nbytes: float, seconds: float = 0.0) -> None:
+    def record(self, kind: str, nbytes: float, seconds: float | None = 0.0) -> None:
         """Add bytes and seconds to `kind` (used by the collectives, and by hooks that count
-        analytically, such as the torch PowerSGD baseline)."""
+        analytically, such as the torch PowerSGD baseline). `seconds=None`: a collective bigbatch
+        counts but cannot time (DDP's own all-reduce); its kind reports no `comm_s/<kind>`."""
         with self._lock:
+            if seconds is None:
+                self._untimed.add(kind)
+                seconds = 0.0
             for table in (self._step, self._total):
                 entry = table[kind]
                 entry[0] += nbytes
@@ -111,7 +117,7 @@ class Communicator:
         """`comm_bytes/<kind>`, `comm_s/<kind>`, totals and `comm_bytes/uncompressed` since the last
         call; resets them."""
         with self._lock:
-            stats = self._format(self._step, self._uncompressed[0])
+            stats = self._format(self._step, self._uncompressed[0], self._untimed)
             for entry in self._step.values():
                 entry[0] = entry[1] = 0.0
             self._uncompressed[0] = 0.0
@@ -120,14 +126,15 @@ class Communicator:
     def totals(self) -> dict[str, float]:
         """The same keys as `take_step_stats`, accumulated since construction."""
         with self._lock:
-            return self._format(self._total, self._uncompressed[1])
+            return self._format(self._total, self._uncompressed[1], self._untimed)
 
     @staticmethod
-    def _format(table: dict[str, list[float]], uncompressed: float) -> dict[str, float]:
+    def _format(table: dict[str, list[float]], uncompressed: float, untimed: set[str]) -> dict[str, float]:
         stats: dict[str, float] = {}
         for kind in sorted(table):
             stats[f"comm_bytes/{kind}"] = float(table[kind][0])
-            stats[f"comm_s/{kind}"] = float(table[kind][1])
+            if kind not in untimed:
+                stats[f"comm_s/{kind}"] = float(table[kind][1])
         stats["comm_bytes/total"] = float(sum(entry[0] for entry in table.values()))
         stats["comm_s/total"] = float(sum(entry[1] for entry in table.values()))
         stats["comm_bytes/uncompressed"] = float(uncompressed)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bigbatch.compression.base import Compressor
+from bigbatch.compression.base import Compressor, NoCompression, payload_bytes
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
 from bigbatch.distributed.comm import Communicator
@@ -123,13 +123,26 @@ class DDPStrategy(CommReductions, SingleProcess):
     """torch DistributedDataParallel with bigbatch's comm hook; all-reduce on the last micro-batch only."""
 
     def __init__(self, model: nn.Module, device: torch.device, bucket_cap_mb: float,
-                 compressor: Compressor | None, torch_powersgd: dict | None = None):
+                 compressor: Compressor | None, torch_powersgd: dict | None = None,
+                 native_allreduce: bool = False):
         super().__init__(model)
         ids = [device.index] if device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb)
+        # Gradients as views into DDP's buckets: no copy of every gradient into its bucket and back
+        # each step (two passes over all gradients; 44.7 MB for ResNet-18), and no second copy in memory.
+        self.model = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb,
+                                             gradient_as_bucket_view=True)
         self.world_size = self.comm.size
         self.compressor = compressor
-        if torch_powersgd is not None:  # PyTorch's own hook, a peer baseline
+        # Plain averaging left to DDP's C++ all-reduce: any Python comm hook (ours or torch's
+        # allreduce_hook alike) costs ~2 ms per step (benchmarks/trainer_overhead.py). Its bytes are
+        # known without a hook: every bucket, i.e. every gradient, once per synchronising backward.
+        self.native_bytes = None
+        if native_allreduce:
+            if not isinstance(compressor, NoCompression):
+                raise ValueError("native_allreduce: only plain averaging (compression.method none) can "
+                                 "be left to DDP")
+            self.native_bytes = payload_bytes([p for p in model.parameters() if p.requires_grad])
+        elif torch_powersgd is not None:  # PyTorch's own hook, a peer baseline
             register_torch_powersgd(self.model, comm=self.comm, **torch_powersgd)
         else:
             register_compression_hook(self.model, compressor, self.comm, param_names_by_id(model),
@@ -138,4 +151,10 @@ class DDPStrategy(CommReductions, SingleProcess):
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         # Accumulating micro-batches need no communication: DDP's no_sync() defers the all-reduce
         # to the last backward, which then averages the summed gradients once.
-        return contextlib.nullcontext() if last_micro_step else self.model.no_sync()
+        if not last_micro_step:
+            return self.model.no_sync()
+        if self.native_bytes is not None:  # this backward all-reduces every gradient in C++
+            self.comm.record(self.compressor.kind, self.native_bytes, seconds=None)
+            self.comm.add_uncompressed(self.native_bytes)
+            self.compressor.end_step()
+        return contextlib.nullcontext()

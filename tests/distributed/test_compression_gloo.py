@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bigbatch.compression.base import NoCompression
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.factory import build_compressor
 from bigbatch.compression.powersgd import PowerSGD
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
 from bigbatch.distributed.allreduce_bench import run_allreduce_bench
 from bigbatch.distributed.comm import Communicator
+from bigbatch.distributed.ddp import DDPStrategy
 from bigbatch.testing import run_ranks
 from tests.unit.test_powersgd import (apply_compressor, assert_outputs_close, make_grads,
                                       reference_powersgd)
@@ -132,6 +134,38 @@ def test_ddp_hook_matches_default_ddp(method, kind, element_size, atol):
         assert totals[f"comm_bytes/{kind}"] == 4 * MLP_PARAMS * element_size
         assert totals["comm_bytes/uncompressed"] == 4 * MLP_PARAMS * 4
     assert not torch.equal(default["0.weight"], mlp()[0].weight)  # training moved the weights
+
+
+def _strategy_steps(rank, world_size, native):
+    """3 optimizer steps of 2 accumulated micro-batches through DDPStrategy; per-step comm stats."""
+    model = mlp()
+    strategy = DDPStrategy(model, torch.device("cpu"), bucket_cap_mb=0.004, compressor=NoCompression(),
+                           native_allreduce=native)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    data, stats = batches(rank, 6), []
+    for step in range(3):
+        for micro in (0, 1):
+            x, y = data[2 * step + micro]
+            with strategy.sync_context(last_micro_step=micro == 1):
+                strategy.backward(nn.functional.cross_entropy(strategy.model(x), y) / 2)
+        strategy.optimizer_step(optimizer, grad_clip=None)
+        optimizer.zero_grad(set_to_none=True)
+        stats.append(strategy.comm_metrics())
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, stats, strategy.compressor.step
+
+
+def test_native_allreduce_matches_our_hook_and_counts_bytes_untimed():
+    hooked, native = run_ranks(_strategy_steps, WORLD, False), run_ranks(_strategy_steps, WORLD, True)
+    for (hooked_params, hooked_stats, _), (native_params, native_stats, native_steps) in zip(hooked, native):
+        for name in hooked_params:
+            torch.testing.assert_close(native_params[name], hooked_params[name], rtol=0, atol=1e-6)
+        assert native_steps == 3  # end_step once per optimizer step, not per micro-batch
+        for hooked_row, native_row in zip(hooked_stats, native_stats):
+            for row in (hooked_row, native_row):  # once per step although each step has 2 backwards
+                assert row["comm_bytes/grad_allreduce"] == row["comm_bytes/uncompressed"] == MLP_PARAMS * 4
+            assert hooked_row["comm_s/grad_allreduce"] > 0
+            assert "comm_s/grad_allreduce" not in native_row  # DDP's C++ all-reduce is not timed
+    assert not torch.equal(native[0][0]["0.weight"], mlp()[0].weight)
 
 
 def _hook_vs_manual(rank, world_size, settings):
