@@ -164,7 +164,6 @@ class PowerSGD(Compressor):
             errors = [self._state_tensor(self._errors, item.name, item.grad, zeros=True).view_as(item.mat)
                       for item in items]
             torch._foreach_add_(mats, errors)
-            torch._foreach_copy_(errors, mats)  # errors hold the inputs until the residual below
         qs_in = [self._initial_q_t(item).t() for item in items]
 
         # P blocks laid out grouped by shape (n, r), so each group is one (B, n, r) batch to
@@ -197,14 +196,16 @@ class PowerSGD(Compressor):
             offset += qt.numel()
         comm.all_reduce(q_flat, "powersgd_q", op="avg")
 
-        for mat, p, qt, item in zip(mats, ps, qts, items):
+        # The residual and the approximation are each one pass over M (memory-bound on CPU and GPU):
+        # error = M - P Q^T as one fused addmm, then M = P Q^T.
+        for i, (mat, p, qt, item) in enumerate(zip(mats, ps, qts, items)):
+            if self.error_feedback:
+                torch.addmm(mat, p, qt, alpha=-1, out=errors[i])
             torch.mm(p, qt, out=mat)
             if mat.data_ptr() != item.grad.data_ptr():  # worked on a contiguous copy
                 item.grad.copy_(mat.view_as(item.grad))
             if self.warm_start:
                 self._q_ts[item.name] = qt  # a view of q_flat: no copy
-        if self.error_feedback:
-            torch._foreach_sub_(errors, mats)
 
     def _initial_q_t(self, item: _Matrix) -> Tensor:
         """Q^T (r, m) to start from: last step's if warm, else a fresh draw of Q ~ N(0, 1)^(m x r)."""
