@@ -1,14 +1,18 @@
 """bigbatch's DDP training step vs a minimal hand-written torch DDP loop: same model, data, 2 ranks.
 
 Segments of `--steps` optimizer steps alternate between the two loops (pairs interleaved, so drift in
-machine load hits both alike); the table shows the median samples/s of each and their ratio.
+machine load hits both alike; which loop goes first alternates too). Every step is timed (bigbatch's
+own `step_time_s` rows, the hand loop around its body); the table shows each loop's median step
+time, the samples/s it implies and their ratio. Medians, because on a shared 2-core machine single
+steps stall for tens of ms and a mean or a segment total follows those stalls, not the loops.
 
-    python benchmarks/trainer_overhead.py [--ranks 2] [--pairs 7] [--steps 40] [--quick]
+    python benchmarks/trainer_overhead.py [--ranks 2] [--pairs 60] [--steps 10] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -38,10 +42,12 @@ def bench_config(out_dir: str, data: dict, global_batch: int) -> dict:
             "metrics": {"tensorboard": False, "progress": "none"}}
 
 
-def hand_written_loop(model, data, batch_per_rank: int, rank: int, world: int, steps: int, start: int):
+def hand_written_loop(model, data, batch_per_rank: int, rank: int, world: int, steps: int, start: int,
+                      step_times: list[float]) -> int:
     """The minimal DDP loop a user would write: index, forward, backward, step."""
     optimizer = hand_written_loop.optimizer
     for step in range(start, start + steps):
+        began = time.perf_counter()
         offset = (step * batch_per_rank * world + rank * batch_per_rank) % (len(data) - batch_per_rank)
         idx = torch.arange(offset, offset + batch_per_rank)
         x, y = data.batch(idx)
@@ -51,41 +57,45 @@ def hand_written_loop(model, data, batch_per_rank: int, rank: int, world: int, s
         optimizer.zero_grad(set_to_none=True)
         reported = loss.detach()
         dist.all_reduce(reported)  # the hand loop also reports a global loss, like bigbatch does
+        step_times.append(time.perf_counter() - began)
     return start + steps
 
 
 def rank_main(rank: int, world: int, raw: dict, pairs: int, steps: int) -> dict:
+    """Per-step seconds of each loop over the timed segments (bigbatch's from its metrics.jsonl)."""
     cfg = validate_config(raw)
     trainer = build_trainer(cfg, Runtime(rank, world, rank, torch.device("cpu"), "gloo"))
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model(cfg.model, trainer.data))
     hand_written_loop.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     per_rank = cfg.batch.global_batch // world
-    ours, theirs, hand_step = [], [], 0
-    trainer.max_steps = 5  # warm-up both
+    hand_times, hand_step, warmup = [], 0, 5
+    trainer.max_steps = warmup
     trainer.fit()
-    hand_step = hand_written_loop(model, trainer.data.train, per_rank, rank, world, 5, hand_step)
-    for _ in range(pairs):
-        dist.barrier()
-        t0 = time.perf_counter()
-        trainer.max_steps += steps
-        trainer.fit()
-        dist.barrier()
-        t1 = time.perf_counter()
-        hand_step = hand_written_loop(model, trainer.data.train, per_rank, rank, world, steps, hand_step)
-        dist.barrier()
-        t2 = time.perf_counter()
-        ours.append(steps * cfg.batch.global_batch / (t1 - t0))
-        theirs.append(steps * cfg.batch.global_batch / (t2 - t1))
+    hand_step = hand_written_loop(model, trainer.data.train, per_rank, rank, world, warmup, hand_step, [])
+    for pair in range(pairs):
+        # Alternate which loop runs first, so an order effect (a GC pause, a cache left warm by the
+        # other loop) cannot favour one side.
+        order = ("bigbatch", "hand") if pair % 2 == 0 else ("hand", "bigbatch")
+        for name in order:
+            dist.barrier()
+            if name == "bigbatch":
+                trainer.max_steps += steps
+                trainer.fit()
+            else:
+                hand_step = hand_written_loop(model, trainer.data.train, per_rank, rank, world, steps,
+                                              hand_step, hand_times)
     trainer.metrics.close()
-    return {"bigbatch": ours, "hand": theirs}
+    rows = [json.loads(line) for line in trainer.metrics.path.read_text().splitlines()] if rank == 0 else []
+    ours = [row["step_time_s"] for row in rows if row.get("step", 0) > warmup and "step_time_s" in row]
+    return {"bigbatch": ours, "hand": hand_times}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--pairs", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="synthetic data, few steps (smoke test)")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -98,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         raw = bench_config(tmp, data, args.global_batch)
         results = run_ranks(rank_main, args.ranks, raw, args.pairs, args.steps, timeout_s=1800)
     ours, hand = results[0]["bigbatch"], results[0]["hand"]
-    ratio = statistics.median(o / h for o, h in zip(ours, hand))
-    print(f"{'loop':<12}{'median samples/s':>18}{'min':>10}{'max':>10}")
-    for name, values in (("bigbatch", ours), ("hand DDP", hand)):
-        print(f"{name:<12}{statistics.median(values):>18.0f}{min(values):>10.0f}{max(values):>10.0f}")
-    print(f"ratio bigbatch / hand (median of {len(ours)} interleaved pairs): {ratio:.3f}")
+    # Median step time: robust to the scheduler stalls a shared 2-core machine throws at single steps.
+    rates = {name: args.global_batch / statistics.median(times) for name, times in
+             (("bigbatch", ours), ("hand DDP", hand))}
+    print(f"{'loop':<12}{'steps':>7}{'median step ms':>16}{'samples/s':>11}")
+    for name, times in (("bigbatch", ours), ("hand DDP", hand)):
+        print(f"{name:<12}{len(times):>7}{1000 * statistics.median(times):>16.2f}{rates[name]:>11.0f}")
+    print(f"ratio bigbatch / hand (samples/s at the median step time): {rates['bigbatch'] / rates['hand DDP']:.3f}")
     plot(ours, hand, args.out / "trainer_overhead.png")
     return 0
 
@@ -115,10 +127,12 @@ def plot(ours: list[float], hand: list[float], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ours, "o-", label="bigbatch")
-    ax.plot(hand, "s-", label="hand-written DDP")
-    ax.set_xlabel("interleaved pair")
-    ax.set_ylabel("samples/s")
+    ms = [1000 * t for t in ours + hand]
+    bins = [min(ms) + i * (sorted(ms)[int(0.98 * len(ms))] - min(ms)) / 40 for i in range(41)]
+    ax.hist([1000 * t for t in ours], bins=bins, alpha=0.6, label="bigbatch")
+    ax.hist([1000 * t for t in hand], bins=bins, alpha=0.6, label="hand-written DDP")
+    ax.set_xlabel("step time (ms; slowest 2% not shown)")
+    ax.set_ylabel("steps")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

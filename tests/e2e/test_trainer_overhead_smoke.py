@@ -23,6 +23,9 @@ def test_quick_run_prints_both_loops_and_a_ratio(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
             if line.startswith(("bigbatch ", "hand DDP "))}
     assert set(rows) == {"bigbatch", "hand"}
-    assert all(float(v) > 0 for v in rows["bigbatch"])
-    ratio = re.search(r"ratio bigbatch / hand \(median of 2 interleaved pairs\): ([0-9.]+)", result.stdout)
+    for name in ("bigbatch", "hand"):
+        steps, *timings = rows[name][-3:]
+        assert int(steps) == 2 * 5  # --quick: 2 pairs of 5 timed steps, warm-up steps left out
+        assert all(float(v) > 0 for v in timings)
+    ratio = re.search(r"ratio bigbatch / hand \(samples/s at the median step time\): ([0-9.]+)", result.stdout)
     assert ratio and float(ratio.group(1)) > 0
