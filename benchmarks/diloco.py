@@ -20,7 +20,9 @@ That outer setting was picked by `--loopback --rows "k2 DiLoCo H50" --outer-lr L
 (val loss vs DDP's 1.9520): 0.7/0.9 (the paper's, and bigbatch's config default) +4.59%, 1.0/0.9
 +3.86%, 1.2/0.9 +5.88%, 0.7/0.8 +2.28%, 0.7/0.6 +3.07%, 0.9/0.7 +1.47%. With only 20 outer steps at
 H=50, momentum 0.9 weighs stale pseudo-gradients too long; long runs (hundreds of outer steps) are
-where the paper's 0.7/0.9 was tuned.
+where the paper's 0.7/0.9 was tuned. At k=4 (`--loopback --rows "k4 DDP" "k4 DiLoCo H50"`, DDP 1.9520,
+2026-12-01): 0.9/0.7 +5.97%, 1.2/0.7 +6.42%, 0.9/0.5 +7.74%; none within 2% (each replica steps on
+8 sequences, a quarter of DDP's batch, for 50 steps alone).
 Validation loss is measured on the last 2 % of the corpus every `eval_every` steps, a multiple of every
 H, so DiLoCo is always evaluated right after an outer step (all replicas equal theta_global).
 
