@@ -121,9 +121,8 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
                                                       **settings))
     ddp_kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
     # The noise scale reads local gradients in the hook, so it needs bigbatch's hook even for none.
-    watches_gradients = cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
     ddp_kwargs["native_allreduce"] = (comp.method == "none" and not comp.time_collectives
-                                      and not watches_gradients)
+                                      and not wants_noise_scale(cfg))
     if cfg.distributed.strategy == "ddp":
         return DDPStrategy(model, runtime.device, **ddp_kwargs)
     deepspeed_kwargs = dict(stage=cfg.deepspeed.stage, grad_clip=cfg.optim.grad_clip,
@@ -132,10 +131,15 @@ def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
                                    deepspeed_kwargs=deepspeed_kwargs)
 
 
+def wants_noise_scale(cfg: Config) -> bool:
+    """metrics.noise_scale, or batch.adaptive which grows the batch from it."""
+    return cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
+
+
 def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
     """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch."""
     adaptive_cfg = cfg.batch.adaptive
-    if not (cfg.metrics.noise_scale or adaptive_cfg.enabled):
+    if not wants_noise_scale(cfg):
         return None
     if not runtime.distributed:
         raise ValueError("metrics.noise_scale / batch.adaptive: the noise scale compares per-rank and "

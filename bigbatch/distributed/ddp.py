@@ -4,7 +4,9 @@ A strategy owns model wrapping and gradient sync. The trainer asks it for `sync_
 each micro-batch's `backward(loss)`, for `optimizer_step(optimizer, grad_clip)` and for `all_reduce_*`
 on scalars; with one process the context and the reductions are no-ops.
 Under DDP every gradient bucket goes through bigbatch's communication hook, so the configured
-compressor (none, fp16, bf16, PowerSGD) does the averaging and the Communicator counts every byte.
+compressor (fp16, bf16, PowerSGD) does the averaging and the Communicator counts every byte. Plain
+averaging (none) is left to DDP's C++ all-reduce unless it is to be timed or watched; the strategy
+then counts its bytes itself, untimed.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ class CommReductions:
 
 
 class DDPStrategy(CommReductions, SingleProcess):
-    """torch DistributedDataParallel with bigbatch's comm hook; all-reduce on the last micro-batch only."""
+    """torch DistributedDataParallel (with bigbatch's comm hook unless `native_allreduce`); gradients
+    are averaged on the last micro-batch only."""
 
     def __init__(self, model: nn.Module, device: torch.device, bucket_cap_mb: float,
                  compressor: Compressor | None, torch_powersgd: dict | None = None,

@@ -521,7 +521,8 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 def build_sharding_strategy(name: str, model: nn.Module, device: torch.device, *, ddp_kwargs: dict,
                             deepspeed_kwargs: dict | None = None):
     """zero1|zero2|zero3|deepspeed -> its strategy (ddp_kwargs: DDPStrategy's bucket_cap_mb, compressor,
-    torch_powersgd, native_allreduce; deepspeed_kwargs: DeepSpeedStrategy's stage, grad_clip, micro_batch, overrides)."""
+    torch_powersgd, native_allreduce; deepspeed_kwargs: DeepSpeedStrategy's stage, grad_clip,
+    micro_batch, overrides)."""
     if name == "zero1":
         return Zero1Strategy(model, device, **ddp_kwargs)
     if name in ("zero2", "zero3"):
