@@ -45,14 +45,18 @@ Columns
   half that, PowerSGD P (n x r) + Q (m x r) for each gradient viewed as n x m = shape[0] x rest that
   passes the compression test (n*m >= 2 (n+m) r for ours, strictly > for torch's), plain for the rest.
   "fewer x" is what a plain all-reduce would send over that.
-- step s: mean `step_time_s` over steps 6..40 (leaving out DDP's bucket rebuild, PowerSGD's plain
-  steps and its first compressed step, which allocates residuals and draws Q); "median" beside it is
-  less sensitive to bursts of load from other jobs.
+- step s: median `step_time_s` of rank 0 over steps 6..40 (leaving out DDP's bucket rebuild,
+  PowerSGD's plain steps and its first compressed step, which allocates residuals and draws Q); the
+  mean is beside it. The median, because the machine is shared: within one run single steps of the
+  same work take 0.29-0.49 s when other jobs burst, and the mean follows those bursts.
 - compute s: the compute-only limit, the same per-rank work with no communication at all: both
   namespaces run a world-size-1 trainer with the per-rank batch at the same time (so both cores are as
   busy as in a real run). The slower of the two is the limit (a synchronous step waits for the slower
-  rank). It is measured before and after each rate's runs and averaged. It has no DDP either, so DDP's
-  own cost (copying 44.7 MB of gradients into and out of its buckets) counts as exposed below.
+  rank). A compute-only run follows every method, so each method is compared with the mean of the
+  two runs right before and after it: the machine's speed drifts by tens of percent over minutes
+  (limits of 0.29 s and 0.40 s were measured in one invocation), and a limit measured minutes away
+  made step/limit as noisy as that drift. The compute-only row is the mean of all of them. It has no
+  DDP either, so DDP's own cost counts as exposed below.
 - exposed s = step - compute: what communication and compression add to the critical path; the "comm"
   part of the stacked bars.
 - comm_s (metrics): the sum of the gradient kinds' `comm_s/*` per step, which is NOT exposed time.
@@ -101,9 +105,30 @@ Results of the previous version (an earlier session, load average 0.2-2.0; 8x8 i
   the compute-only limit moved 0.29-0.40 s between its before and after runs, so the ratio is as
   noisy as that denominator. Ours over torch's hook (both one bucket): 0.119 vs 0.173 s at
   100 Mbit/s, 0.158 vs 0.224 s at 1 Gbit/s (met).
-- Where the overhead could still shrink (not done): one bmm per group of same-shape matrices; an
-  asynchronous hook that chains every bucket's P and Q all-reduces in one order on every rank so they
-  overlap the backward of the next bucket (on a GPU that also overlaps the compute).
+- Re-measured 2026-12-02 with each method between two compute-only runs and medians
+  (`--methods "powersgd r2" "powersgd r2 (1 bucket)" "torch_powersgd r2 (1 bucket)"`, 633 s, load
+  0.2-2.3; compute-only runs 0.275-0.348 s): all-reduce 92% / 50% of the uncompressed step at
+  100 Mbit/s / 1 Gbit/s. PowerSGD rank 2: 0.396 s / 0.443 s, 1.35x / 1.34x its limit, 10.6x / 1.35x
+  faster than all-reduce; one bucket 1.35x / 1.24x; torch's hook (one bucket) 1.78x / 1.44x. Goal
+  <= 1.25x: not met with DDP's default buckets (met once with one bucket at 1 Gbit/s).
+  Ours over torch's hook (one bucket each): 0.103 vs 0.247 s at 100 Mbit/s, 0.079 vs 0.132 s at
+  1 Gbit/s (met).
+- Where the rest of the step goes (2026-12-02, 1 Gbit/s, one run each with timers patched into a
+  local copy of the trainer): DDP with a comm hook that returns at once (no gradient traffic at all)
+  already takes 1.14x the compute-only step (0.284 vs 0.249 s): backward +10 ms (DDP copies each
+  freshly allocated gradient into its bucket), forward +5 ms, optimizer +4 ms, the loss all-reduce
+  2-4 ms, plus waiting for the slower rank at every synchronisation. Our compression then adds its
+  memory-bound compute, +0.034 s a step on one core (`--profile`: eight passes over 44.7 MB of
+  gradients: error add 3, P 1, Q 1, residual 2, approximation 1), and the two hooks take 8 ms and
+  47-63 ms inside backward (compression plus P/Q waits). 1.14x + 0.034/0.31 is already ~1.25x
+  before any wait on P or Q, so on these two cores the goal sits at the floor of this design.
+- Tried and not kept (2026-12-02): an asynchronous hook that issues each bucket's P all-reduce and
+  returns, moves earlier buckets on by one stage at every later bucket (from the backward thread, in
+  bucket order, so ranks stay in step) and finishes all at the last bucket. Three interleaved A/B
+  rounds each (median step s, old vs staged): 1 Gbit/s 0.470/0.460/0.446 vs 0.462/0.476/0.360,
+  100 Mbit/s 0.394/0.427/0.450 vs 0.439/0.425/0.453: no difference beyond the noise, since the P/Q
+  transfers are a few ms and the compression compute cannot overlap backward on a rank's one core.
+  On GPUs the blocking all-reduces only enqueue on the stream, so the host does not wait there either.
 - fp16 halves the bytes: 1.9x faster at 100 Mbit/s, 1.1-1.6x at 1 Gbit/s (gloo sums fp16 on the CPU).
 - torch's hook with DDP's default two buckets crashes on gloo (see Methods above).
 - val accuracy after 640 (8x8) or 3200 (16x16) samples is only a check that nothing diverged (chance
@@ -192,7 +217,7 @@ class Setup:
     steps: int = 40
     warmup: int = 5  # leading steps left out of the step-time means
     world: int = 2
-    limit_runs: tuple[str, ...] = ("before", "after")  # compute-only runs around each rate's runs
+    bracket: bool = True  # a compute-only run after every method, so each has one right before and after
     run_timeout_s: float = 900.0
 
     @property
@@ -201,7 +226,7 @@ class Setup:
 
 
 FULL = Setup()
-QUICK = Setup(width=8, blocks=(1, 1), input_size=8, per_rank_batch=8, steps=8, warmup=4, limit_runs=("before",), run_timeout_s=120.0)
+QUICK = Setup(width=8, blocks=(1, 1), input_size=8, per_rank_batch=8, steps=8, warmup=4, bracket=False, run_timeout_s=120.0)
 
 
 # --------------------------------------------------------------------------- data, configs, analytic bytes
@@ -317,7 +342,7 @@ def run_compute_only(setup: Setup, runs_dir: Path, tag: str) -> dict:
     load = os.getloadavg()[0]
     run_processes(commands, logs, setup.run_timeout_s)
     per_node = [summarise_run(runs_dir / name, setup.warmup) for name in names]
-    return {"tag": tag, "per_node_step_s": [s["step_s"] for s in per_node],
+    return {"tag": tag, "per_node_median_s": [s["step_s_median"] for s in per_node],
             "step_s": max(s["step_s"] for s in per_node),
             "step_s_median": max(s["step_s_median"] for s in per_node), "load_before": load,
             "load_after": os.getloadavg()[0]}
@@ -356,33 +381,31 @@ def summarise_run(run_dir: Path, warmup: int) -> dict:
 # --------------------------------------------------------------------------- the benchmark
 
 def run_rate(setup: Setup, methods: Sequence[Method], rate: str, runs_root: Path) -> dict:
-    """Bring the cluster up at `rate`; compute-only runs around one run per method."""
+    """Bring the cluster up at `rate`; one run per method, each between two compute-only runs
+    (with `setup.bracket`; else all after one), and each compared with the limit measured beside it."""
     cluster("up", str(setup.world), rate)
     runs_dir = runs_root / rate
-    limits, results = [], {}
-    for position, tag in enumerate(setup.limit_runs):
-        if position == 1:  # the second compute-only run comes after the methods
-            results = run_methods(setup, methods, rate, runs_dir)
-        print(f"[{rate}] compute-only ({tag})", flush=True)
-        limits.append(run_compute_only(setup, runs_dir, tag))
-        print(f"    step {limits[-1]['step_s']:.3f} s", flush=True)
-    if len(setup.limit_runs) < 2:
-        results = run_methods(setup, methods, rate, runs_dir)
-    limit = statistics.fmean(run["step_s"] for run in limits)
-    limit_median = statistics.fmean(run["step_s_median"] for run in limits)
-    return {"rate": rate, "limit_s": limit, "limit_median_s": limit_median, "limit_runs": limits,
-            "methods": results}
-
-
-def run_methods(setup: Setup, methods: Sequence[Method], rate: str, runs_dir: Path) -> dict:
-    results = {}
-    for method in methods:
+    limits, results = [measure_limit(setup, runs_dir, rate, "0")], {}
+    for position, method in enumerate(methods, start=1):
         print(f"[{rate}] {method.label}", flush=True)
         started = time.perf_counter()
-        results[method.label] = run_method(setup, method, runs_dir)
-        print(f"    step {results[method.label]['step_s']:.3f} s  "
-              f"({time.perf_counter() - started:.0f} s wall)", flush=True)
-    return results
+        run = results[method.label] = run_method(setup, method, runs_dir)
+        print(f"    step {run['step_s_median']:.3f} s median  ({time.perf_counter() - started:.0f} s wall)",
+              flush=True)
+        if setup.bracket:
+            limits.append(measure_limit(setup, runs_dir, rate, str(position)))
+        beside = limits[-2:] if setup.bracket else limits[:1]
+        run["limit_tags"] = [limit["tag"] for limit in beside]
+        run["limit_s"] = statistics.fmean(limit["step_s_median"] for limit in beside)
+    return {"rate": rate, "limit_s": statistics.fmean(limit["step_s_median"] for limit in limits),
+            "limit_runs": limits, "methods": results}
+
+
+def measure_limit(setup: Setup, runs_dir: Path, rate: str, tag: str) -> dict:
+    print(f"[{rate}] compute-only ({tag})", flush=True)
+    limit = run_compute_only(setup, runs_dir, tag)
+    print(f"    step {limit['step_s_median']:.3f} s median", flush=True)
+    return limit
 
 
 def table_rows(setup: Setup, methods: Sequence[Method], blocks: Sequence[dict]) -> list[dict]:
@@ -391,21 +414,24 @@ def table_rows(setup: Setup, methods: Sequence[Method], blocks: Sequence[dict]) 
     dense = analytic_bytes(shapes, ALL_REDUCE.compression)
     rows = []
     for block in blocks:
-        limit, runs = block["limit_s"], block["methods"]
-        reference = runs[ALL_REDUCE.label]["step_s"] if ALL_REDUCE.label in runs else math.nan
+        runs = block["methods"]
+        reference = runs[ALL_REDUCE.label]["step_s_median"] if ALL_REDUCE.label in runs else math.nan
+        limit = block["limit_s"]
         rows.append({"method": "compute-only", "rate": block["rate"], "step_s": limit,
-                     "step_median_s": block["limit_median_s"], "compute_s": limit,
-                     "exposed_s": 0.0, "step_over_limit": 1.0, "speedup": reference / limit})
+                     "step_mean_s": statistics.fmean(run["step_s"] for run in block["limit_runs"]),
+                     "compute_s": limit, "exposed_s": 0.0, "step_over_limit": 1.0,
+                     "speedup": reference / limit})
         for method in methods:
             run = runs[method.label]
             analytic = analytic_bytes(shapes, method.compression)
+            step, limit = run["step_s_median"], run["limit_s"]
             rows.append({
                 "method": method.label, "rate": block["rate"], "bytes": run["bytes"],
                 "bytes_analytic": analytic, "fewer": run["bytes_uncompressed"] / run["bytes"],
-                "fewer_analytic": dense / analytic, "step_s": run["step_s"],
-                "step_median_s": run["step_s_median"], "compute_s": limit,
-                "exposed_s": run["step_s"] - limit, "comm_s": run["comm_s"],
-                "step_over_limit": run["step_s"] / limit, "speedup": reference / run["step_s"],
+                "fewer_analytic": dense / analytic, "step_s": step, "step_mean_s": run["step_s"],
+                "compute_s": limit, "limit_tags": run["limit_tags"],
+                "exposed_s": step - limit, "comm_s": run["comm_s"],
+                "step_over_limit": step / limit, "speedup": reference / step,
                 "val_accuracy": run["val_accuracy"], "loss": run["loss"]})
     return rows
 
@@ -421,14 +447,14 @@ def _num(value: Any, spec: str) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of `table_rows`."""
     header = ["method", "rate", "bytes/step (measured)", "bytes/step (analytic)", "fewer x (meas/anal)",
-              "step s", "median", "compute s", "exposed comm s", "comm_s metrics", "step/limit", "speed-up",
+              "step s (median)", "mean", "compute s", "exposed comm s", "comm_s metrics", "step/limit", "speed-up",
               "val acc", "loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         fewer = (f"{r['fewer']:.1f} / {r['fewer_analytic']:.1f}" if "fewer" in r else "")
         cells = [r["method"], r["rate"], _mb(r["bytes"]) if "bytes" in r else "0",
                  _mb(r["bytes_analytic"]) if "bytes_analytic" in r else "0", fewer,
-                 _num(r["step_s"], ".3f"), _num(r["step_median_s"], ".3f"), _num(r["compute_s"], ".3f"),
+                 _num(r["step_s"], ".3f"), _num(r["step_mean_s"], ".3f"), _num(r["compute_s"], ".3f"),
                  _num(r["exposed_s"], ".3f"),
                  _num(r.get("comm_s"), ".3f"), _num(r["step_over_limit"], ".2f"),
                  _num(r["speedup"], ".2f") + "x" if not math.isnan(r["speedup"]) else "",
@@ -506,7 +532,7 @@ def write_report(setup: Setup, methods: Sequence[Method], blocks: list[dict], ra
     """Table, goals, PNG and raw results under `out`; returns the text printed."""
     rows = table_rows(setup, methods, blocks)
     limits = "; ".join(f"{b['rate']}: " + ", ".join(
-        f"{run['tag']} {run['step_s']:.3f} s (nodes {', '.join(f'{s:.3f}' for s in run['per_node_step_s'])})"
+        f"{run['tag']} {run['step_s_median']:.3f} s (nodes {', '.join(f'{s:.3f}' for s in run['per_node_median_s'])})"
         for run in b["limit_runs"]) for b in blocks)
     loads = [v for b in blocks for run in [*b["limit_runs"], *b["methods"].values()]
              for v in (run["load_before"], run["load_after"])]
@@ -516,7 +542,9 @@ def write_report(setup: Setup, methods: Sequence[Method], blocks: list[dict], ra
         f"({sum(math.prod(s) for s in param_shapes(setup)):,} parameters), Fashion-MNIST pooled to "
         f"1x{setup.input_size}x{setup.input_size}, "
         f"{setup.world} ranks x {setup.per_rank_batch} samples, {setup.steps} steps, "
-        f"means over steps {setup.warmup + 1}..{setup.steps}",
+        f"step times: median over steps {setup.warmup + 1}..{setup.steps} of rank 0 (compute-only: "
+        f"the slower node); each method's compute s is the mean of the compute-only runs "
+        f"{'right before and after it' if setup.bracket else 'before the methods'}",
         "", format_table(rows), "",
         f"compute-only runs: {limits}",
         f"1-minute load average during the runs: {min(loads):.1f} .. {max(loads):.1f} (2 cores)", "",
@@ -624,7 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (fixed sample budget)")
     parser.add_argument("--per-rank-batch", type=int, default=None)
     parser.add_argument("--input-size", type=int, default=None,
-                        help="Fashion-MNIST pooled to this many pixels a side (default 8)")
+                        help="Fashion-MNIST pooled to this many pixels a side (default 16)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"labels to run (default all: {', '.join(m.label for m in FULL_METHODS)})")
     args = parser.parse_args(argv)
