@@ -26,8 +26,11 @@ k4; gap to DDP at that lr):
 k=2: 2e-3 1.9806 (+1.47%), 4e-3 1.8613 (+1.65%), 8e-3 1.8357 (+4.37%), 1.6e-2 1.8235 (+6.15%);
 k=4: 2e-3 2.0685 (+5.97%), 3e-3 2.0054 (+6.94%), 4e-3 1.9896 (+8.66%), 6e-3 1.9484 (+9.25%),
 8e-3 1.9325 (+9.87%). So DiLoCo's own best inner lr is DDP's (1.6e-2 beats 8e-3 at k=2), and the gap
-grows as both train better. Outer settings at k=2, lr 1.6e-2: 0.9/0.7 1.8235, 1.2/0.5 1.8681,
-0.5/0.7 1.8863 (and 0.5/0.8 at 8e-3: 1.8883 against 0.9/0.7's 1.8357).
+grows as both train better. Outer lr/momentum at k=2, H=50, lr 1.6e-2 (DDP 1.7178): 0.8/0.6 1.8182
+(+5.84%), 0.9/0.7 1.8235 (+6.15%), 1.0/0.4 1.8279, 0.9/0.8 1.8502, 0.7/0.5 1.8558, 0.8/0.4 1.8572,
+1.0/0.8 1.8605, 1.2/0.5 1.8681, 0.8/0.2 1.8779, 0.5/0.7 1.8863, 0.7/0.9 (the paper's) 1.8912 (+10.09%):
+none within 2%, and 0.9/0.7 stays (0.8/0.6 is 0.3 points better in one seed). At 8e-3, 0.5/0.8 gave
+1.8883 against 0.9/0.7's 1.8357.
 The outer 0.9/0.7 was first picked at lr 2e-3 by `--loopback --rows "k2 DiLoCo H50" --outer-lr L
 --outer-momentum M` (val loss vs DDP's 1.9520): 0.7/0.9 (the paper's, and bigbatch's config default)
 +4.59%, 1.0/0.9 +3.86%, 1.2/0.9 +5.88%, 0.7/0.8 +2.28%, 0.7/0.6 +3.07%, 0.9/0.7 +1.47%. With only 20
