@@ -215,7 +215,7 @@ class Setup:
     input_size: int = 16  # Fashion-MNIST pooled to input_size x input_size
     per_rank_batch: int = 24
     steps: int = 40
-    warmup: int = 5  # leading steps left out of the step-time means
+    warmup: int = 5  # leading steps left out of the step-time medians and means
     world: int = 2
     bracket: bool = True  # a compute-only run after every method, so each has one right before and after
     run_timeout_s: float = 900.0
