@@ -1,0 +1,36 @@
+"""The example YAML files under configs/ validate, and the DiLoCo example runs as its comment says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigbatch.config import load_config
+from tests.conftest import REPO, needs_fashion_mnist
+from tests.e2e.test_cli_launch import bigbatch
+
+pytestmark = [pytest.mark.e2e, needs_fashion_mnist]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_config_validates(path):
+    load_config(path)  # raises ConfigError listing every problem
+
+
+def test_diloco_example_syncs_fp16_pseudo_gradients_every_h_steps(tmp_path):
+    cfg = load_config(REPO / "configs" / "fashion_mnist_diloco.yaml")
+    h, steps = cfg.diloco.inner_steps, 2 * cfg.diloco.inner_steps
+    result = bigbatch("launch", "--nproc-per-node", "2", str(REPO / "configs" / "fashion_mnist_diloco.yaml"),
+                      "--set", f"run.out_dir={tmp_path}", "--set", f"run.max_steps={steps}",
+                      "--set", f"eval.every_steps={h}", "--set", "checkpoint.every_steps=null",
+                      "--set", "metrics.tensorboard=false", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    params = 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10  # the MLP 784-1024-1024-10
+    outer = {r["step"]: r["comm_bytes/diloco_outer"] for r in train if r.get("comm_bytes/diloco_outer")}
+    assert outer == {h: params * 2, steps: params * 2}  # fp16: 2 bytes a parameter, every H steps
+    assert [r["step"] for r in rows if r.get("kind") == "eval"] == [h, steps]
+    assert [r for r in rows if r.get("kind") == "eval"][-1]["val_accuracy"] > 0.5
