@@ -20,8 +20,8 @@ momentum 0.6, Nesterov.
 
 Why this size. DiLoCo's gap to DDP shrinks as the global batch and the number of outer steps grow
 (the DiLoCo scaling-law paper, Charles et al. 2025, finds the same with model size, M >= 2 replicas
-trailing DDP at small scale). k=2, H=50, AdamW lr 1.6e-2, outer 0.9/0.7, final val loss
-(`--loopback --rows "k2 DiLoCo H50" --global-batch B --steps S`, 2026-12-02):
+trailing DDP at small scale). k=2, H=50, final val loss (`--loopback --rows "k2 DiLoCo H50"
+--global-batch B --steps S --lr 1.6e-2 --outer-lr 0.9 --outer-momentum 0.7`, 2026-12-02):
 
     global batch x steps (outer steps)   DDP      DiLoCo H=50   gap
     32 x 1000 (20)                       1.7178   1.8235        +6.15%   (the default until 2026-12-02)
@@ -435,7 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny GPT, 2 ranks on loopback, 20 steps, 2 rows")
     parser.add_argument("--rate", default="100mbit", help="emulated link rate (tc units), e.g. 100mbit")
     parser.add_argument("--loopback", action="store_true", help="ranks on 127.0.0.1, no emulated link")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps per row (default {FULL.steps}; quick {QUICK.steps})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"steps per row (default {FULL.steps}; quick {QUICK.steps})")
     parser.add_argument("--global-batch", type=int, default=None,
                         help=f"sequences per step over all ranks (default {FULL.global_batch})")
     parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
