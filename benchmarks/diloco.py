@@ -55,7 +55,8 @@ too much of each outer step); k4 DDP 1.4810 (461 s); k4 H50 1.5436 (+4.23%, 50x,
 1.5392 (+3.93%, 100x, 274 s). Goals (H=50 within 2% of DDP at >= 50x, >= 100x with fp16): met at k=2,
 the bytes but not the loss at k=4 (four replicas each see a quarter of the batch; the scaling-law
 paper's M=4 trails DDP more than M=2 too). Wall includes start-up and ten evaluations; at k=4 four
-ranks share two cores.
+ranks share two cores. k=4, H=50 outer probes (`--loopback --rows "k4 DiLoCo H50" --outer-lr L`):
+0.8/0.6 +4.23%, 1.0/0.6 1.5299 (+3.30%), 1.3/0.6 1.5974 (+7.86%); the default stays k=2's best.
 Validation loss is measured on the last 2 % of the corpus every `eval_every` steps, a multiple of every
 H, so DiLoCo is always evaluated right after an outer step (all replicas equal theta_global).
 
