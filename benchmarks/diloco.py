@@ -66,7 +66,7 @@ OMP_NUM_THREADS=1). By default rank i runs in network namespace bb-ns<i> of
 removed when the benchmark ends, fails or is interrupted, and the benchmark refuses to start when a
 bb-* cluster already exists (someone else's). `--loopback` runs the ranks on 127.0.0.1 instead.
 
-Rows (default; about 42 minutes on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=50 with fp16
+Rows (default; about 41 minutes on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=50 with fp16
 and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows.
 
 Columns (bytes are per rank: the payload rank 0 handed to its collectives, summed over every
@@ -159,7 +159,7 @@ class Setup:
 FULL = Setup()
 QUICK = Setup(n_layer=1, n_head=2, d_model=32, seq_len=16, global_batch=8, steps=20, eval_every=10,
               val_fraction=0.1, run_timeout_s=60.0)
-# The default grid takes about 42 minutes on 2 cores; EXTRA_ROWS can be asked for with --rows.
+# The default grid takes about 41 minutes on 2 cores; EXTRA_ROWS can be asked for with --rows.
 FULL_ROWS = (Row(2), Row(2, 10), Row(2, 50), Row(2, 100), Row(2, 50, "fp16"), Row(2, 50, "powersgd"),
              Row(4), Row(4, 50), Row(4, 50, "fp16"))
 EXTRA_ROWS = (Row(2, 100, "fp16"), Row(2, 100, "powersgd"), Row(4, 10), Row(4, 100), Row(4, 50, "powersgd"))
@@ -225,7 +225,8 @@ def run_config(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path) ->
 
 
 def check_rows(setup: Setup, rows: Sequence[Row]) -> None:
-    """Every H must divide the eval period and the run, so evaluations follow outer steps."""
+    """Steps and batch are positive; every H divides the eval period and the run, so evaluations
+    follow outer steps; the batch splits evenly over each row's k ranks."""
     for option, value in (("--steps", setup.steps), ("--global-batch", setup.global_batch)):
         if value < 1:
             raise ValueError(f"{option} must be a positive integer, got {value}")
