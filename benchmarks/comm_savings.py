@@ -236,7 +236,7 @@ def pooled_fashion_mnist(cfg: Any) -> Any:
     `data.name: benchmarks.comm_savings:pooled_fashion_mnist`)."""
     import torch.nn.functional as F
 
-    from bigbatch.config import DEFAULT_FASHION_MNIST
+    from bigbatch.data.rules import DEFAULT_FASHION_MNIST
     from bigbatch.data.base import DataBundle, TensorSplit
     from bigbatch.data.fashion_mnist import load_fashion_mnist
 
@@ -566,7 +566,7 @@ def wrap_with_hook(model: Any, method: Method | None) -> Any:
     from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
     from bigbatch.compression.factory import build_compressor
     from bigbatch.compression.torch_powersgd import register_torch_powersgd
-    from bigbatch.distributed.comm import Communicator
+    from bigbatch.comm import Communicator
 
     if method is None:
         return model
@@ -606,7 +606,7 @@ def powersgd_op_table(setup: Setup, rank: int, calls: int) -> str:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from bigbatch.compression.powersgd import PowerSGD
-    from bigbatch.distributed.comm import Communicator
+    from bigbatch.comm import Communicator
 
     grads = [(f"p{i}", torch.randn(shape)) for i, shape in enumerate(param_shapes(setup))]
     compressor, comm = PowerSGD(rank=rank, start_step=0), Communicator()

@@ -70,7 +70,7 @@ import torch
 import yaml
 
 from bigbatch.build import build_trainer
-from bigbatch.config import validate_config
+from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import METRICS_FILE, read_metrics
 from bigbatch.optim.lr_scaling import peak_lr

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from bigbatch.build import build_trainer
-from bigbatch.config import validate_config
+from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.models.registry import build_model
 from bigbatch.testing import run_ranks

@@ -11,53 +11,31 @@ import torch
 
 from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters, RNGState
-from bigbatch.config import BatchConfig, Config, GuardConfig, split_batch
+from bigbatch.config import Config, GuardConfig
 from bigbatch.compression.factory import build_compressor
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
 from bigbatch.distributed.diloco import DiLoCoStrategy, build_pseudo_grad_compressor
-from bigbatch.distributed.zero import SHARDED_STRATEGIES, build_sharding_strategy
+from bigbatch.distributed.zero import build_sharding_strategy
 from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
 from bigbatch.optim.adaptive_batch import AdaptiveBatch
-from bigbatch.optim.batch_schedule import BatchSchedule
+from bigbatch.optim.batch_schedule import batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
 from bigbatch.remat import apply_remat
 from bigbatch.trainer import Trainer
+from bigbatch.validate import validate
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def batch_schedule_from(batch: BatchConfig) -> BatchSchedule:
-    sched = batch.schedule
-    return BatchSchedule(kind=sched.kind, target=batch.global_batch, start=sched.start,
-                         increment=sched.increment, ramp_samples=sched.ramp_samples,
-                         stages=tuple((s.until_samples, s.batch) for s in sched.stages))
-
-
-def world_problems(cfg: Config, world_size: int) -> list[str]:
-    """Checks that need the world size: every batch the schedule will use must split over the ranks,
-    and sharding needs ranks to shard over."""
-    problems = []
-    if world_size == 1 and cfg.distributed.strategy in SHARDED_STRATEGIES:
-        problems.append(f"distributed.strategy: {cfg.distributed.strategy} shards state over ranks, and this "
-                        "is one process; launch 2 or more ranks (bigbatch launch --nproc-per-node 2) or use "
-                        "ddp (a zero2/zero3 checkpoint reshards to any number of ranks >= 2)")
-    for global_batch in batch_schedule_from(cfg.batch).all_batches():
-        try:
-            split_batch(global_batch, world_size, cfg.batch.micro_batch)
-        except ValueError as err:
-            problems.append(str(err))
-    return problems
 
 
 def total_samples(cfg: Config, train_size: int, batch_at: Callable[[int], int]) -> int:
@@ -141,9 +119,6 @@ def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
     adaptive_cfg = cfg.batch.adaptive
     if not wants_noise_scale(cfg):
         return None
-    if not runtime.distributed:
-        raise ValueError("metrics.noise_scale / batch.adaptive: the noise scale compares per-rank and "
-                         "averaged gradients, so it needs at least 2 ranks (bigbatch launch --nproc-per-node 2)")
     adaptive = None
     if adaptive_cfg.enabled:
         granularity = adaptive_granularity(runtime.world_size, cfg.batch.micro_batch)
@@ -179,7 +154,10 @@ def wire_states(strategy, model, optimizer, noise, **more: Any) -> tuple[dict, d
 
 
 def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
-    """Everything a run needs, wired together; `trainer.checkpointer.resume()` restores a checkpoint."""
+    """Everything a run needs, wired together; `trainer.checkpointer.resume()` restores a checkpoint.
+
+    Raises ConfigError (every problem, the world-size rules included) before anything is built."""
+    validate(cfg, runtime.world_size)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)  # same init on every rank

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bigbatch.config import ConfigError, load_config
+from bigbatch.config import ConfigError
+from bigbatch.validate import load_config
 
 EXIT_BAD_INPUT = 2
 
@@ -63,24 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print(load_config(args.config, args.set).to_yaml(), end="")
         return 0
-    from bigbatch.build import world_problems
+    from bigbatch.launch.env import detect
+
+    # The world size comes from the launcher's variables, so every rule is checked before the
+    # process group exists.
+    cfg = load_config(args.config, args.set, world_size=detect().world_size)
     from bigbatch.launch.runtime import distributed_runtime
     from bigbatch.run import run_training
 
     with distributed_runtime(cfg.distributed) as runtime:
-        problems = world_problems(cfg, runtime.world_size)
-        if problems:
-            raise ConfigError(problems)
         run_training(cfg, runtime)
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    load_config(args.config, args.set)  # fail fast, before any rank starts
+    # Every rule, the world-size ones included, is checked once here, before any rank starts.
+    load_config(args.config, args.set, world_size=args.nproc_per_node * args.nnodes)
     from bigbatch.launch.local import launch
 
     train_args = [args.config] + [f"--set={item}" for item in args.set]
@@ -88,7 +90,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    from bigbatch.launch.env import detect
+
+    cfg = load_config(args.config, args.set, world_size=detect().world_size)
     from bigbatch.launch.runtime import distributed_runtime
     from bigbatch.lr_find import run_lr_find
 
@@ -128,7 +132,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from bigbatch.validate import validate
+
     cfg = load_config(args.config, args.set)
+    validate(cfg, _job_world_size(cfg.slurm))  # the job's ranks, before anything is queued
     from bigbatch.slurm.submit import SubmitError, submit
 
     try:
@@ -145,12 +152,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    from bigbatch.plan import plan_run
+def _job_world_size(slurm) -> int:
+    """Ranks of a Slurm job: nodes x ranks per node (one per GPU unless ntasks_per_node is set)."""
+    per_node = getattr(slurm, "ntasks_per_node", None) or max(1, slurm.gpus_per_node)
+    return slurm.nodes * per_node
 
+
+def cmd_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ValueError("--world-size: must be at least 1")
+    cfg = load_config(args.config, args.set, world_size=args.world_size)
+    from bigbatch.plan import plan_run
+
     print(plan_run(cfg, args.world_size, args.device_memory))
     return 0
 

@@ -1,17 +1,18 @@
 """The typed configuration tree: YAML in, validated `Config` out.
 
 Every field carries a one-line description (shown by `bigbatch train CONFIG --print-config` and in
-the README). Validation collects every problem and raises one `ConfigError` listing them, each naming
-the key and the fix; the CLI turns that into exit code 2 before anything is written.
+the README). This module is the schema and imports nothing of ours: the rules beyond one field live
+in each package (`bigbatch/*/rules.py`) and `bigbatch.validate` composes them. Validation collects
+every problem and raises one `ConfigError` listing them, each naming the key and the fix; the CLI
+turns that into exit code 2 before anything is written.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -294,8 +295,12 @@ class Config(Section):
 
 # ----------------------------------------------------------------------------- loading
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read YAML, apply `a.b=c` overrides, validate; raise ConfigError listing every problem."""
+def read_raw_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """The YAML mapping with `a.b=c` overrides applied, and the problems found on the way.
+
+    Only reading problems (missing file, bad YAML, not a mapping) raise at once: nothing else can be
+    checked without the mapping. Rules beyond the schema live in `bigbatch.validate`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {path}: not found; pass the path of a YAML file"])
@@ -305,22 +310,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError([f"config file {path}: not valid YAML ({err}); fix the syntax"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"config file {path}: the top level must be a mapping of sections"])
-    problems = [p for item in overrides for p in _apply_override(raw, item)]
-    return validate_config(raw, problems)
+    return raw, [p for item in overrides for p in _apply_override(raw, item)]
 
 
-def validate_config(raw: dict, problems: list[str] | None = None) -> Config:
-    problems = list(problems or [])
-    cfg = None
+def parse_config(raw: dict, problems: Sequence[str] = ()) -> tuple[Config | None, list[str]]:
+    """(Config or None, problems): the schema's verdict on a raw mapping, every field at once."""
+    problems = list(problems)
     try:
-        cfg = Config.model_validate(raw)
+        return Config.model_validate(raw), problems
     except ValidationError as err:
-        problems += [_describe(e) for e in err.errors()]
-    if cfg is not None:
-        problems += semantic_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+        return None, problems + [_describe(e) for e in err.errors()]
 
 
 def _apply_override(raw: dict, item: str) -> list[str]:
@@ -365,133 +364,6 @@ def _valid_keys(loc: tuple) -> list[str]:
         if getattr(annotation, "__origin__", None) is list:
             model = annotation.__args__[0]
     return list(getattr(model, "model_fields", {}))
-
-
-BUILTIN_DATA = ("fashion_mnist", "text", "tokens", "synthetic")
-BUILTIN_MODELS = ("mlp", "resnet", "gpt")
-DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def semantic_problems(cfg: Config) -> list[str]:
-    """Cross-field checks that need no process group: data paths, import paths, schedules."""
-    problems = _data_problems(cfg.data)
-    problems += _import_problems("model.name", cfg.model.name, BUILTIN_MODELS)
-    if cfg.run.max_steps is None and cfg.run.max_samples is None and cfg.run.epochs is None:
-        problems.append("run: set one of run.max_steps, run.max_samples or run.epochs")
-    if cfg.optim.lr_scaling.rule == "linear_then_sqrt" and cfg.optim.lr_scaling.knee_batch is None:
-        problems.append("optim.lr_scaling.knee_batch: required by rule linear_then_sqrt")
-    if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
-        problems.append("lr.cycle_samples: required by the cyclic schedule")
-    problems += _batch_schedule_problems(cfg.batch)
-    problems += _compression_problems(cfg)
-    problems += _diloco_problems(cfg)
-    problems += _sharding_problems(cfg)
-    from bigbatch.slurm.render import sbatch_option_problems  # local: slurm imports config
-
-    problems += sbatch_option_problems(cfg.slurm)
-    return problems
-
-
-def _sharding_problems(cfg: Config) -> list[str]:
-    from bigbatch.distributed.zero import deepspeed_problems, zero_problems  # local: imports torch
-
-    strategy, optim = cfg.distributed.strategy, cfg.optim
-    noise = cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
-    # compression problems of zero2/zero3 are reported by _compression_problems
-    problems = (zero_problems(strategy, optim.name, optim.impl, "none", noise)
-                + deepspeed_problems(strategy, cfg.deepspeed.stage, optim.name))
-    if strategy == "deepspeed" and noise:
-        problems.append("metrics.noise_scale / batch.adaptive: the noise scale needs per-rank gradients "
-                        "before averaging, which only the DDP hook sees; use ddp or zero1, not deepspeed")
-    return problems
-
-
-def _diloco_problems(cfg: Config) -> list[str]:
-    if cfg.distributed.strategy != "diloco":
-        return []
-    problems = []
-    if cfg.metrics.noise_scale or cfg.batch.adaptive.enabled:
-        problems.append("metrics.noise_scale / batch.adaptive: not with distributed.strategy=diloco, whose "
-                        "gradients are averaged only inside a replica; turn them off")
-    if cfg.diloco.fragments > cfg.diloco.inner_steps:
-        problems.append(f"diloco.fragments: {cfg.diloco.fragments} fragments need at least as many inner "
-                        f"steps (diloco.inner_steps={cfg.diloco.inner_steps})")
-    return problems
-
-
-def _compression_problems(cfg: Config) -> list[str]:
-    comp = cfg.compression
-    if comp.method == "none":
-        return []
-    if cfg.distributed.strategy not in ("ddp", "zero1"):
-        return [f"compression.method: gradient compression hooks into DDP (ddp, zero1); with "
-                f"distributed.strategy={cfg.distributed.strategy} set compression.method: none (FSDP and "
-                "DeepSpeed reduce gradients themselves; DiLoCo compresses its pseudo-gradients with "
-                "diloco.compression)"]
-    if comp.method == "torch_powersgd" and comp.start_step <= 1 and (comp.error_feedback or comp.warm_start):
-        return ["compression.start_step: torch's PowerSGD hook needs start_step >= 2 when error_feedback "
-                "or warm_start is on"]
-    return []
-
-
-def _data_problems(data: DataConfig) -> list[str]:
-    if data.name not in BUILTIN_DATA:
-        return _import_problems("data.name", data.name, BUILTIN_DATA)
-    if data.name == "fashion_mnist":
-        folder = Path(data.path or DEFAULT_FASHION_MNIST)
-        if not (folder / "train-images-idx3-ubyte.gz").is_file():
-            return [f"data.path: no Fashion-MNIST IDX files in {folder}; install them with "
-                    "`apt-get install dataset-fashion-mnist` (Debian) or set data.path to a folder "
-                    "holding train-images-idx3-ubyte.gz and friends"]
-    if data.name in ("text", "tokens"):
-        if data.path is None:
-            return [f"data.path: required for data.name={data.name}"]
-        if data.name == "tokens" and not Path(data.path).is_file():
-            return [f"data.path: token file {data.path} not found"]
-        if data.name == "text" and not Path(data.path).exists():
-            return [f"data.path: {data.path} not found; point it at a text file or a folder"]
-    return []
-
-
-def _import_problems(key: str, name: str, builtins: tuple[str, ...]) -> list[str]:
-    if name in builtins:
-        return []
-    if ":" not in name:
-        return [f"{key}: unknown '{name}'; use one of {', '.join(builtins)} or an import path "
-                "'package.module:attribute'"]
-    try:
-        resolve_import(name)
-    except (ImportError, AttributeError) as err:
-        return [f"{key}: cannot import '{name}' ({err}); check the module is on PYTHONPATH"]
-    return []
-
-
-def resolve_import(spec: str) -> Any:
-    """`package.module:attribute` → the attribute."""
-    module_name, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _batch_schedule_problems(batch: BatchConfig) -> list[str]:
-    sched = batch.schedule
-    if sched.kind == "ramp":
-        missing = [k for k in ("start", "increment", "ramp_samples") if getattr(sched, k) is None]
-        if missing:
-            return [f"batch.schedule.{k}: required by kind ramp" for k in missing]
-        span = batch.global_batch - sched.start
-        if span <= 0 or span % sched.increment:
-            return [f"batch.schedule: (global_batch {batch.global_batch} - start {sched.start}) = {span} "
-                    f"must be a positive multiple of increment {sched.increment}"]
-    if sched.kind == "stages":
-        if not sched.stages:
-            return ["batch.schedule.stages: kind stages needs at least one {until_samples, batch}"]
-        ends = [s.until_samples for s in sched.stages]
-        if ends != sorted(set(ends)):
-            return ["batch.schedule.stages: until_samples must increase from stage to stage"]
-    return []
 
 
 # ----------------------------------------------------------------------------- batch arithmetic

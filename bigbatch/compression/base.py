@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-from bigbatch.distributed.comm import Communicator, completed_future
+from bigbatch.comm import Communicator, completed_future
 
 NamedGrads = Sequence[tuple[str, Tensor]]
 

@@ -36,7 +36,7 @@ from torch.distributed import GradBucket
 from torch.futures import Future
 
 from bigbatch.compression.base import Compressor, flatten
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 
 
 BUCKET_NAME = "<ddp bucket>"  # elementwise compressors keep no per-name state, so any name will do

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from bigbatch.compression.base import (Compressor, NamedGrads, all_reduce_flat,
                                        all_reduce_flat_async, payload_bytes)
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 
 ORTHOGONALIZATIONS = ("gram_schmidt", "qr")
 

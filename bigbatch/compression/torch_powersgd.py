@@ -34,7 +34,7 @@ from torch.distributed import GradBucket
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 from torch.futures import Future
 
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bigbatch.config import DEFAULT_FASHION_MNIST, DataConfig, resolve_import
+from bigbatch.config import DataConfig
+from bigbatch.data.rules import DEFAULT_FASHION_MNIST
+from bigbatch.plugins import resolve_import
 from bigbatch.data.base import DataBundle
 from bigbatch.data.fashion_mnist import load_fashion_mnist
 from bigbatch.data.synthetic import load_synthetic

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?\s*$", re.IGNORECASE)

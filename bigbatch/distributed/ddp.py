@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bigbatch.compression.base import Compressor, NoCompression, payload_bytes
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 from bigbatch.optim.factory import build_optimizer
 
 GRADIENT_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",

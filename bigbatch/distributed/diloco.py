@@ -59,8 +59,9 @@ from bigbatch.compression.base import (Compressor, NoCompression, all_reduce_fla
                                        group_by_dtype, unflatten_into)
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.factory import build_compressor
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 from bigbatch.distributed.ddp import GRADIENT_KINDS, SingleProcess
+from bigbatch.distributed.rules import diloco_cycle_problems, diloco_replica_problems, outer_optimizer_problems
 
 OUTER_KIND = "diloco_outer"
 BUFFERS_KIND = "diloco_buffers"
@@ -76,10 +77,7 @@ def replica_groups(world_size: int, replicas: int) -> tuple[list[list[int]], lis
     m = world_size / k ranks: replica r is ranks [r*m, r*m + m); cross group j holds rank j of each."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"diloco.replicas must be an integer >= 1, got {replicas!r}")
-    if world_size % replicas:
-        raise ValueError(f"diloco.replicas={replicas} does not divide the world size {world_size}; "
-                         f"set diloco.replicas to a divisor of {world_size} (each replica gets "
-                         "world_size / replicas ranks)")
+    _raise_first(diloco_replica_problems(world_size, replicas))
     per_replica = world_size // replicas
     intra = [list(range(r * per_replica, (r + 1) * per_replica)) for r in range(replicas)]
     cross = [list(range(j, world_size, per_replica)) for j in range(per_replica)]
@@ -103,6 +101,12 @@ def make_groups(rank: int, world_size: int, replicas: int) -> tuple[Any, Any]:
 
 
 # -- configuration helpers -----------------------------------------------------------------------
+def _raise_first(problems: list[str]) -> None:
+    """Constructor-level guard for values that did not come through bigbatch.validate."""
+    if problems:
+        raise ValueError(problems[0])
+
+
 def build_outer_optimizer(params: Sequence[Tensor], name: str = "sgd", lr: float = 0.7,
                           momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
     """The outer optimizer over theta_global; the paper's default is SGD(0.7, Nesterov 0.9)."""
@@ -112,9 +116,7 @@ def build_outer_optimizer(params: Sequence[Tensor], name: str = "sgd", lr: float
         raise ValueError(f"diloco.outer_optimizer.lr must be > 0, got {lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"diloco.outer_optimizer.momentum must be in [0, 1), got {momentum}")
-    if nesterov and momentum == 0:
-        raise ValueError("diloco.outer_optimizer.nesterov needs momentum > 0; set nesterov: false "
-                         "or a momentum such as 0.9")
+    _raise_first(outer_optimizer_problems(momentum, nesterov))
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, nesterov=nesterov)
 
 
@@ -245,9 +247,7 @@ class DiLoCo:
             raise ValueError(f"diloco.inner_steps must be an integer >= 1, got {inner_steps!r}")
         if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
             raise ValueError(f"diloco.fragments must be an integer >= 1, got {fragments!r}")
-        if fragments > inner_steps:
-            raise ValueError(f"diloco.fragments={fragments} > diloco.inner_steps={inner_steps}: each "
-                             "fragment needs its own step of the cycle; lower fragments")
+        _raise_first(diloco_cycle_problems(inner_steps, fragments))
         if not 0 <= mixing < 1:
             raise ValueError(f"diloco.mixing must be in [0, 1), got {mixing}")
 

@@ -40,10 +40,9 @@ from torch import nn
 from bigbatch.distributed.ddp import CommReductions, DDPStrategy, SingleProcess
 from bigbatch.optim.factory import BUILDERS, param_groups
 from bigbatch.optim.lars import local_norms
+from bigbatch.distributed.rules import (DEEPSPEED_STAGES, SHARDED_STRATEGIES, TRUST_RATIO_OPTIMIZERS,
+                                        deepspeed_problems, zero_problems)
 
-SHARDED_STRATEGIES = ("zero1", "zero2", "zero3", "deepspeed")
-TRUST_RATIO_OPTIMIZERS = ("lars", "lamb")
-DEEPSPEED_STAGES = (0, 1, 2, 3)
 DCP_DIR = "dcp"  # sharded states live in step-N/dcp/
 
 
@@ -135,32 +134,6 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg: Any, group: Any = None)
         optimizer.set_norm_fn(ShardGroupNorms(group))
     return optimizer
 
-
-def zero_problems(strategy: str, optimizer_name: str, impl: str = "torch", compression: str = "none",
-                  noise_scale: bool = False) -> list[str]:
-    """Why `strategy` (zero1|zero2|zero3) cannot run this configuration; empty when it can."""
-    if strategy not in ("zero1", "zero2", "zero3"):
-        return []
-    problems = []
-    if strategy in ("zero2", "zero3"):
-        if impl == "apex":
-            problems.append(f"optim.impl: apex's fused kernels cannot step {strategy}'s DTensor shards; "
-                            "set `optim.impl: torch`")
-        if compression != "none":
-            problems.append(f"compression.method: '{compression}' hooks into DDP, which {strategy} does not "
-                            "use (FSDP reduce-scatters gradients itself); set `compression.method: none` "
-                            "or use distributed.strategy zero1")
-        if noise_scale:
-            problems.append(f"metrics.noise_scale / batch.adaptive: the noise scale needs per-rank gradients "
-                            f"before averaging, which only the DDP hook sees; use ddp or zero1, not {strategy}")
-    if strategy == "zero1" and optimizer_name == "schedule_free_adamw":
-        problems.append("optim.name: schedule_free_adamw swaps its weights for evaluation, which "
-                        "ZeroRedundancyOptimizer (each rank owns some tensors) does not forward; use "
-                        "distributed.strategy ddp, zero2 or zero3")
-    return problems
-
-
-# ------------------------------------------------------------------------------------- strategies
 
 class Zero1Strategy(DDPStrategy):
     """DDP (comm hook, compression, no_sync accumulation) + ZeroRedundancyOptimizer (sharded state)."""
@@ -319,26 +292,6 @@ class DCPCheckpoint:
 
 
 # -------------------------------------------------------------------------------------- DeepSpeed
-
-def deepspeed_problems(strategy: str, stage: int, optimizer_name: str) -> list[str]:
-    """Why this DeepSpeed configuration cannot run; empty when it can (or the strategy is another)."""
-    if strategy != "deepspeed":
-        return []
-    if stage not in DEEPSPEED_STAGES:
-        return [f"deepspeed.stage: must be 0, 1, 2 or 3, got {stage}"]
-    problems = []
-    if stage >= 1 and optimizer_name in TRUST_RATIO_OPTIMIZERS:
-        problems.append(
-            f"optim.name: {optimizer_name} needs the norm of each whole parameter tensor for its trust "
-            f"ratio, but DeepSpeed ZeRO stage {stage} hands the optimizer flat partitions that cut across "
-            "tensors (DeepSpeed issue #490), so the ratios would be wrong; use distributed.strategy zero2 "
-            "or zero3 (FSDP, exact whole-tensor norms), deepspeed.stage 0, or an Adam-family optimizer")
-    if stage >= 1 and optimizer_name == "schedule_free_adamw":
-        problems.append("optim.name: schedule_free_adamw swaps the weights it evaluates at, but under "
-                        f"DeepSpeed ZeRO stage {stage} it holds flat fp32 partitions, not the model's "
-                        "parameters; use distributed.strategy zero2 or zero3, or deepspeed.stage 0")
-    return problems
-
 
 def import_deepspeed(device: torch.device):
     """`import deepspeed`, on CPU with its CPU accelerator (DS_ACCELERATOR=cpu) and a kept op cache."""

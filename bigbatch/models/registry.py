@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from bigbatch.config import ModelConfig, resolve_import
+from bigbatch.config import ModelConfig
+from bigbatch.plugins import resolve_import
 from bigbatch.data.base import DataBundle
 from bigbatch.models.gpt import GPT
 from bigbatch.models.mlp import MLP

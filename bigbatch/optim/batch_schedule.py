@@ -20,7 +20,10 @@ where the batch changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from bigbatch.config import BatchConfig
 
 KINDS = ("constant", "ramp", "stages")
 
@@ -58,7 +61,7 @@ class BatchSchedule:
                     raise ValueError(f"{name}: must be > 0, got {value}")
             span = self.target - self.start
             if span < 0:
-                raise ValueError(f"start: {self.start} is larger than the target batch {self.target}")
+                raise ValueError(f"start: {self.start} is larger than the target batch {self.target} (batch.global_batch)")
             if span % self.increment:
                 raise ValueError(f"increment: (target {self.target} - start {self.start}) = {span} is not a "
                                  f"multiple of increment {self.increment}")
@@ -125,3 +128,11 @@ class BatchSchedule:
     def changes_between(self, a: int, b: int) -> list[tuple[int, int]]:
         """Change points (samples, new batch) with a < samples ≤ b."""
         return [(s, batch) for s, batch in self.change_points() if a < s <= b]
+
+
+def batch_schedule_from(batch: "BatchConfig") -> BatchSchedule:
+    """The schedule a config's `batch` section describes (`batch.global_batch` is the target)."""
+    sched = batch.schedule
+    return BatchSchedule(kind=sched.kind, target=batch.global_batch, start=sched.start,
+                         increment=sched.increment, ramp_samples=sched.ramp_samples,
+                         stages=tuple((s.until_samples, s.batch) for s in sched.stages))

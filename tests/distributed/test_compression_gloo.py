@@ -17,7 +17,7 @@ from bigbatch.compression.factory import build_compressor
 from bigbatch.compression.powersgd import PowerSGD
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
 from bigbatch.distributed.allreduce_bench import run_allreduce_bench
-from bigbatch.distributed.comm import Communicator
+from bigbatch.comm import Communicator
 from bigbatch.distributed.ddp import DDPStrategy
 from bigbatch.testing import run_ranks
 from tests.unit.test_powersgd import (apply_compressor, assert_outputs_close, make_grads,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bigbatch.build import build_trainer
-from bigbatch.config import validate_config
+from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.testing import run_ranks
 from tests.conftest import tiny_config

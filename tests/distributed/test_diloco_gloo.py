@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigbatch.distributed.comm import run_local
+from bigbatch.comm import run_local
 from bigbatch.distributed.diloco import DiLoCo, DiLoCoStrategy, build_pseudo_grad_compressor
 from bigbatch.testing import run_ranks
 from tests.unit.test_diloco import batch, clone_state, inner_step, mlp

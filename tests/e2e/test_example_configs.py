@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bigbatch.config import load_config
+from bigbatch.validate import load_config
 from tests.conftest import REPO, needs_fashion_mnist
 from tests.e2e.test_cli_launch import bigbatch
 

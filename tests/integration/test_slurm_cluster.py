@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bigbatch.config import validate_config
+from bigbatch.validate import validate_config
 from bigbatch.slurm.submit import submit
 from tests.conftest import tiny_config
 from tests.integration.slurm_cluster import metrics_rows, start_cluster

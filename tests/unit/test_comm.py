@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bigbatch.distributed.allreduce_bench import format_table, parse_size, run_allreduce_bench
-from bigbatch.distributed.comm import Communicator, LocalGroup, run_local
+from bigbatch.comm import Communicator, LocalGroup, run_local
 
 
 def test_one_process_collectives_are_free_noops():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bigbatch.cli import main
-from bigbatch.build import world_problems
-from bigbatch.config import ConfigError, load_config, split_batch
+from bigbatch.config import ConfigError, split_batch
+from bigbatch.validate import load_config, world_problems
 from tests.conftest import REPO, tiny_config, write_config
 
 

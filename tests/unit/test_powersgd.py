@@ -15,7 +15,7 @@ from bigbatch.compression.base import LowPrecision, NoCompression, flatten, unfl
 from bigbatch.compression.ddp_hook import CompressionHookState
 from bigbatch.compression.factory import build_compressor
 from bigbatch.compression.powersgd import PowerSGD
-from bigbatch.distributed.comm import Communicator, run_local
+from bigbatch.comm import Communicator, run_local
 
 # Gradient shapes of nn.Sequential(Linear(32, 64), ReLU, Linear(64, 64), ReLU, Linear(64, 3)) plus a
 # conv kernel, which PowerSGD views as (8, 4*3*3) = (8, 36).

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bigbatch.config import Config, ConfigError, load_config, validate_config
+from bigbatch.config import Config, ConfigError
+from bigbatch.validate import load_config, validate_config
 from bigbatch.slurm.render import (EXTRA_OPTIONS, log_pattern, render_sbatch, sbatch_option_problems,
                                    sbatch_quote, signal_number)
 from tests.conftest import tiny_config, write_config

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bigbatch.config import ConfigError, load_config, validate_config
+from bigbatch.config import ConfigError
+from bigbatch.validate import load_config, validate_config
 from bigbatch.slurm.submit import SubmitError, submit, submitit_parameters
 from tests.conftest import tiny_config, write_config
 

@@ -1,0 +1,12 @@
+"""Torch-free checks of the `model` section, run by bigbatch.validate before anything starts."""
+
+from __future__ import annotations
+
+from bigbatch.config import ModelConfig
+from bigbatch.plugins import plugin_problems
+
+BUILTIN_MODELS = ("mlp", "resnet", "gpt")
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    return plugin_problems("model.name", model.name, BUILTIN_MODELS)

@@ -1,0 +1,45 @@
+"""Torch-free rules for the optimizer, LR and batch sections, run by bigbatch.validate."""
+
+from __future__ import annotations
+
+from bigbatch.config import Config, split_batch
+from bigbatch.optim.batch_schedule import batch_schedule_from
+
+NESTEROV_OPTIMIZERS = ("sgd", "lars")
+
+
+def optim_problems(cfg: Config) -> list[str]:
+    problems = []
+    optim = cfg.optim
+    if optim.lr_scaling.rule == "linear_then_sqrt" and optim.lr_scaling.knee_batch is None:
+        problems.append("optim.lr_scaling.knee_batch: required by rule linear_then_sqrt")
+    if optim.nesterov and optim.momentum == 0 and optim.name in NESTEROV_OPTIMIZERS:
+        problems.append(f"optim.nesterov: Nesterov needs momentum > 0 ({optim.name}); set optim.nesterov: false "
+                        "or optim.momentum such as 0.9")
+    if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
+        problems.append("lr.cycle_samples: required by the cyclic schedule")
+    return problems + batch_schedule_problems(cfg)
+
+
+def batch_schedule_problems(cfg: Config) -> list[str]:
+    """The schedule's own checks (BatchSchedule raises naming the field), keyed under batch.schedule."""
+    try:
+        batch_schedule_from(cfg.batch)
+    except ValueError as err:
+        return [f"batch.schedule.{err}"]
+    return []
+
+
+def batch_world_problems(cfg: Config, world_size: int) -> list[str]:
+    """Every batch the schedule will use must split over the ranks and micro-batches."""
+    try:
+        batches = batch_schedule_from(cfg.batch).all_batches()
+    except ValueError:  # reported by batch_schedule_problems
+        return []
+    problems = []
+    for global_batch in batches:
+        try:
+            split_batch(global_batch, world_size, cfg.batch.micro_batch)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems

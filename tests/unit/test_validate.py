@@ -1,0 +1,114 @@
+"""One validation pass: the schema is a leaf, every rule fires before anything is built or spawned."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bigbatch.cli import main
+from bigbatch.config import ConfigError
+from bigbatch.validate import load_config
+from tests.conftest import REPO, tiny_config, write_config
+
+PACKAGE = REPO / "bigbatch"
+
+
+def problems_of(tmp_path, raw, world_size=None):
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path / "c.yaml", raw), world_size=world_size)
+    return info.value.problems
+
+
+def test_rules_that_used_to_fire_only_inside_build_are_config_errors(tmp_path):
+    raw = tiny_config(tmp_path, optim={"nesterov": True, "momentum": 0.0},
+                      distributed={"strategy": "diloco"},
+                      diloco={"outer_optimizer": {"momentum": 0.0, "nesterov": True}})
+    keys = sorted(p.split(":")[0] for p in problems_of(tmp_path, raw))
+    assert keys == ["diloco.outer_optimizer.nesterov", "optim.nesterov"]
+
+
+def test_world_size_rules_need_the_world_size(tmp_path):
+    raw = tiny_config(tmp_path, batch={"global_batch": 24, "micro_batch": 5},
+                      distributed={"strategy": "diloco"}, diloco={"replicas": 3})
+    load_config(write_config(tmp_path / "c.yaml", raw))  # no world size: nothing to split yet
+    problems = problems_of(tmp_path, raw, world_size=2)
+    # 24 / 2 ranks = 12 per rank, 12 / 5 = 2.4 micro-batches; 3 replicas cannot split 2 ranks
+    assert problems[0].startswith("batch.micro_batch=5 does not divide the per-rank batch 12")
+    assert problems[1].startswith("diloco.replicas=3 does not divide the world size 2")
+
+
+def test_batch_schedule_errors_name_the_schedule_key(tmp_path):
+    raw = tiny_config(tmp_path, batch={"global_batch": 64,
+                                       "schedule": {"kind": "ramp", "start": 16, "increment": 10,
+                                                    "ramp_samples": 100}})
+    [problem] = problems_of(tmp_path, raw)
+    assert problem.startswith("batch.schedule.increment: (target 64 - start 16) = 48")
+
+
+def _imports_of(path: Path) -> set[str]:
+    """bigbatch modules imported by one file at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bigbatch"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("bigbatch")}
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_config_schema_imports_nothing_of_ours():
+    assert _imports_of(PACKAGE / "config.py") == set()
+
+
+def test_no_import_cycle_between_packages():
+    """Edges between top-level parts of bigbatch (subpackages and modules) form no cycle."""
+    def part(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else module
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        src = part(_module_name(path))
+        edges.setdefault(src, set()).update(part(m) for m in _imports_of(path) if part(m) != src)
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join(trail + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = 2
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
+
+
+def test_validation_imports_no_torch():
+    code = "import sys, bigbatch.validate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def test_launch_reports_world_size_problems_once_before_spawning(tmp_path, capsys):
+    raw = tiny_config(tmp_path, batch={"global_batch": 24, "micro_batch": 5})
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert main(["launch", "--nproc-per-node", "2", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("batch.micro_batch=5 does not divide the per-rank batch 12") == 1
+    assert not (tmp_path / "runs").exists()  # no rank ever started
+
+
+def test_submit_checks_the_jobs_world_size(tmp_path, capsys):
+    raw = tiny_config(tmp_path, batch={"global_batch": 24}, slurm={"nodes": 5})
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert main(["submit", "--dry-run", str(config)]) == 2
+    assert "does not split over 5 ranks" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
