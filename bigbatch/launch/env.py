@@ -15,6 +15,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from bigbatch.slurm.hostlist import expand_hostlist, expand_tasks_per_node
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -53,13 +55,39 @@ def _from_torchrun(env: dict[str, str]) -> DistEnv:
 
 
 def _from_slurm(env: dict[str, str]) -> DistEnv:
+    refuse_heterogeneous_job(env)
     world = int(env["SLURM_NTASKS"])
-    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
-    addr = env.get("MASTER_ADDR") or head_node_address(env.get("SLURM_JOB_NODELIST", "localhost"))
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+    addr = env.get("MASTER_ADDR") or head_node_address(nodelist)
     # A job-specific port lets two jobs share a node without colliding.
     port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return DistEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)),
-                   max(1, world // nodes), addr, port, "slurm")
+                   slurm_local_world_size(env, world), addr, port, "slurm")
+
+
+def slurm_local_world_size(env: dict[str, str], world: int) -> int:
+    """This node's task count: SLURM_STEP_TASKS_PER_NODE (e.g. '3(x2),2') at SLURM_NODEID."""
+    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not tasks:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        return max(1, world // nodes)
+    counts = expand_tasks_per_node(tasks)
+    node = int(env.get("SLURM_NODEID", 0))
+    if node >= len(counts):
+        raise ValueError(f"SLURM_NODEID={node} but SLURM_TASKS_PER_NODE={tasks!r} lists "
+                         f"{len(counts)} node(s); is this a job step of another job?")
+    return counts[node]
+
+
+def refuse_heterogeneous_job(env: dict[str, str]) -> None:
+    """A heterogeneous job's components have their own node and task lists; one process group over
+    them is not supported, so say so rather than compute wrong ranks."""
+    het = sorted(k for k in env if k in ("SLURM_HET_SIZE", "SLURM_PACK_SIZE")
+                 or (k.startswith("SLURM_") and ("_HET_GROUP_" in k or "_PACK_GROUP_" in k)))
+    if het:
+        raise ValueError(f"heterogeneous Slurm job ({het[0]} is set): bigbatch runs one homogeneous "
+                         "job step; submit the job without hetjob components (no ':' in sbatch/srun, "
+                         "no '#SBATCH hetjob')")
 
 
 def _from_mpi(env: dict[str, str]) -> DistEnv:
@@ -97,15 +125,11 @@ def _free_port() -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm node list: 'n[3-5,9],m1' -> 'n3'; 'gpu-a01' -> 'gpu-a01'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        return nodelist
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a Slurm node list: 'n[3-5,9],m1' -> 'n3'; 'rack[1-2]-node[01-04]' -> 'rack1-node01'."""
+    hosts = expand_hostlist(nodelist)
+    if not hosts:
+        raise ValueError(f"empty Slurm node list {nodelist!r}")
+    return hosts[0]
 
 
 def head_node_address(nodelist: str) -> str:

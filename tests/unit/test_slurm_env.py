@@ -1,0 +1,58 @@
+"""Rank, local world size and head node from Slurm's variables, on uneven and multi-bracket layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigbatch.launch.env import detect, first_host
+
+
+def slurm_env(**extra) -> dict[str, str]:
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[01-02]"}
+    return {**env, **extra}
+
+
+@pytest.mark.parametrize("nodelist,host", [
+    ("node[01-02]-ib", "node01-ib"), ("rack[1-2]-node[01-04]", "rack1-node01"),
+    ("n[3-5,9],m1", "n3"), ("gpu-a01", "gpu-a01"), ("a,b", "a"),
+])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("node,local_world", [(0, 3), (1, 3), (2, 2)])
+def test_local_world_size_follows_this_nodes_entry_of_tasks_per_node(node, local_world):
+    env = slurm_env(SLURM_TASKS_PER_NODE="3(x2),2", SLURM_NODEID=str(node), SLURM_PROCID="6",
+                    SLURM_JOB_NODELIST="n[1-3]")
+    info = detect(env)
+    assert (info.source, info.world_size, info.rank, info.local_world_size) == ("slurm", 8, 6, local_world)
+
+
+def test_step_variables_win_over_the_jobs():
+    env = slurm_env(SLURM_TASKS_PER_NODE="4(x2)", SLURM_STEP_TASKS_PER_NODE="2,6", SLURM_NODEID="1",
+                    SLURM_STEP_NODELIST="rack[2-3]-n[07-08]")
+    info = detect(env)
+    assert info.local_world_size == 6
+    assert info.master_addr == "rack2-n07"  # no cluster knows this node: its name
+
+
+def test_without_tasks_per_node_the_tasks_spread_evenly():
+    assert detect(slurm_env(SLURM_NNODES="2")).local_world_size == 4
+
+
+def test_node_id_beyond_the_task_list_is_an_error():
+    with pytest.raises(ValueError, match="SLURM_NODEID=2"):
+        detect(slurm_env(SLURM_TASKS_PER_NODE="4(x2)", SLURM_NODEID="2"))
+
+
+@pytest.mark.parametrize("var", ["SLURM_HET_SIZE", "SLURM_JOB_NUM_NODES_HET_GROUP_0"])
+def test_heterogeneous_job_is_refused(var):
+    with pytest.raises(ValueError, match=f"heterogeneous Slurm job \\({var} is set\\)"):
+        detect(slurm_env(**{var: "2"}))
+
+
+def test_explicit_master_address_is_kept():
+    env = slurm_env(SLURM_JOB_NODELIST="bad[", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
+    info = detect(env)
+    assert (info.master_addr, info.master_port) == ("10.0.0.1", 1234)
