@@ -135,7 +135,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from bigbatch.validate import validate
 
     cfg = load_config(args.config, args.set)
-    validate(cfg, _job_world_size(cfg.slurm))  # the job's ranks, before anything is queued
+    from bigbatch.slurm.shape import JobShape, rank_map
+
+    validate(cfg, JobShape.of(cfg.slurm).world_size)  # the job's ranks, before anything is queued
     from bigbatch.slurm.submit import SubmitError, submit
 
     try:
@@ -146,16 +148,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"job script: {result.script_path}")
         print(result.test_only or "sbatch not found: script written, not checked")
+        print(rank_map(cfg))
     else:
         print(f"submitted job {result.job_id}")
         print(f"log: {result.log_path}")
     return 0
-
-
-def _job_world_size(slurm) -> int:
-    """Ranks of a Slurm job: nodes x ranks per node (one per GPU unless ntasks_per_node is set)."""
-    per_node = getattr(slurm, "ntasks_per_node", None) or max(1, slurm.gpus_per_node)
-    return slurm.nodes * per_node
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

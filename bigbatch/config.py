@@ -241,7 +241,9 @@ class SlurmConfig(Section):
     account: Optional[str] = _f(None, "sbatch --account")
     qos: Optional[str] = _f(None, "sbatch --qos")
     nodes: int = _f(1, "sbatch --nodes", gt=0)
-    ntasks_per_node: int = _f(1, "ranks per node (srun tasks, or torchrun workers per node)", gt=0)
+    ntasks_per_node: Optional[int] = _f(
+        None, "ranks per node (srun tasks, or torchrun workers per node); default gpus_per_node, "
+        "or 1 without GPUs", gt=0)
     gpus_per_node: int = _f(0, "sbatch --gpus-per-node", ge=0)
     cpus_per_task: Optional[int] = _f(None, "sbatch --cpus-per-task", gt=0)
     mem: Optional[str] = _f(None, "sbatch --mem, e.g. 64G")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Union
 
 from bigbatch.config import Config, SlurmConfig
+from bigbatch.slurm.shape import JobShape, shape_problems
 
 # Long options sbatch accepts in a script (Slurm 22.05's `sbatch --help` plus documented ones it
 # leaves out and a few from later releases; an old sbatch rejects the newer ones itself).
@@ -84,6 +85,7 @@ def sbatch_option_problems(slurm: SlurmConfig) -> list[str]:
         if not _ENV_NAME.match(key):
             problems.append(f"slurm.env.{key}: not a valid environment variable name "
                             "(letters, digits and _, not starting with a digit)")
+    problems += shape_problems(slurm)
     if slurm.backend == "submitit" and slurm.time is None:
         problems.append("slurm.time: required with slurm.backend=submitit (submitit otherwise "
                         "imposes a 5-minute limit), e.g. slurm.time=04:00:00")
@@ -164,19 +166,15 @@ def log_pattern(run_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------- rendering
 
-def ranks_per_node(slurm: SlurmConfig) -> int:
-    return slurm.ntasks_per_node
-
-
 def sbatch_options(cfg: Config, log_path: str) -> list[tuple[str, Union[str, int, bool]]]:
     """(long option, value) pairs in script order; True means a bare flag."""
-    s = cfg.slurm
+    s, shape = cfg.slurm, JobShape.of(cfg.slurm)
     torchrun = s.launch_mode == "torchrun"
-    cpus = s.cpus_per_task * s.ntasks_per_node if (torchrun and s.cpus_per_task) else s.cpus_per_task
+    cpus = s.cpus_per_task * shape.ranks_per_node if (torchrun and s.cpus_per_task) else s.cpus_per_task
     pairs = [("job-name", s.job_name or cfg.run.name), ("partition", s.partition),
              ("account", s.account), ("qos", s.qos), ("nodes", s.nodes),
              # torchrun: one task per node, the `bigbatch launch` agent, which starts the ranks.
-             ("ntasks-per-node", 1 if torchrun else s.ntasks_per_node), ("cpus-per-task", cpus),
+             ("ntasks-per-node", 1 if torchrun else shape.ranks_per_node), ("cpus-per-task", cpus),
              ("gpus-per-node", s.gpus_per_node or None), ("mem", s.mem), ("time", s.time),
              ("constraint", s.constraint), ("exclusive", s.exclusive or None),
              ("mail-user", s.mail), ("mail-type", "END,FAIL" if s.mail else None),
@@ -203,11 +201,11 @@ def train_arguments(config_path: Path, overrides: list[str], run_dir: Path) -> l
 
 
 def launch_lines(cfg: Config, python: str, train_args: list[str]) -> list[str]:
-    s = cfg.slurm
+    s, shape = cfg.slurm, JobShape.of(cfg.slurm)
     srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={s.nodes}"]
     settings = [_words(f"--set={item}") for item in train_args[1:]]
     if s.launch_mode == "srun":
-        srun += [f"--ntasks={s.nodes * s.ntasks_per_node}", f"--ntasks-per-node={s.ntasks_per_node}"]
+        srun += [f"--ntasks={shape.world_size}", f"--ntasks-per-node={shape.ranks_per_node}"]
         if s.cpus_per_task:
             srun.append(f"--cpus-per-task={s.cpus_per_task}")
         return ["# One task per rank; each finds its rank in SLURM_PROCID/SLURM_NTASKS.",
@@ -215,14 +213,14 @@ def launch_lines(cfg: Config, python: str, train_args: list[str]) -> list[str]:
                             *settings])]
     srun += [f"--ntasks={s.nodes}", "--ntasks-per-node=1"]
     if s.cpus_per_task:
-        srun.append(f"--cpus-per-task={s.cpus_per_task * s.ntasks_per_node}")
+        srun.append(f"--cpus-per-task={s.cpus_per_task * shape.ranks_per_node}")
     # The node rank and count exist only inside each srun task, hence the `bash -c` that appends
     # them; every other argument reaches `bigbatch launch` through "$@" untouched.
     per_task = 'exec "$@" --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID"'
     return ["# One task per node: `bigbatch launch` (torchrun) starts the node's ranks.",
             _continued([_words(*srun), _words("bash", "-c", per_task, "bigbatch-launch"),
                         _words(python, "-m", "bigbatch", "launch",
-                               f"--nproc-per-node={ranks_per_node(s)}")
+                               f"--nproc-per-node={shape.ranks_per_node}")
                         + ' --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
                         _words(train_args[0]), *settings])]
 

@@ -37,7 +37,7 @@ MARKERS = ("subst", "tick", "newline", "pwned")
 def golden_config(launch_mode: str):
     raw = tiny_config(Path("/unused"), run={"name": "golden", "out_dir": "/scratch/runs"},
                       slurm={"partition": "gpu", "account": "proj-42", "qos": "normal", "nodes": 2,
-                             "ntasks_per_node": 4, "gpus_per_node": 4, "cpus_per_task": 8,
+                             "gpus_per_node": 4, "cpus_per_task": 8,  # 4 ranks per node
                              "mem": "480G", "time": "04:00:00", "constraint": "a100&ib",
                              "exclusive": True, "mail": "me@example.org", "launch_mode": launch_mode,
                              "setup": ["module load cuda/12.4", "source /opt/venv/bin/activate"],
