@@ -8,31 +8,10 @@ import pytest
 import torch
 
 from bigbatch.optim.lars import LARS
+from tests.unit.optim_helpers import DT, NoisyQuadratic, assert_mixed_dtypes_agree, make_params
 
-DT = torch.float64
-SHAPES = [(4, 3), (5,), (2, 3, 2)]
-
-
-def make_params(seed: int = 0, zero_first: bool = False) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=DT).requires_grad_() for s in SHAPES]
-    if zero_first:
-        with torch.no_grad():
-            params[0].zero_()
-    return params
-
-
-def grads_at(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-    """A gradient that depends on the parameters (quadratic pull to 0.5) plus step-seeded noise."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    return [2.0 * (p.detach() - 0.5) + 0.3 * torch.randn(p.shape, generator=gen, dtype=DT) for p in params]
-
-
-def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, first: int = 0) -> None:
-    for k in range(first, first + steps):
-        for p, g in zip(params, grads_at(params, k)):
-            p.grad = g
-        opt.step()
+PROBLEM = NoisyQuadratic(noise_seed=1000)
+grads_at, run = PROBLEM.grads_at, PROBLEM.run
 
 
 def reference_lars(params, steps, lr, momentum, weight_decay, tc, eps, nesterov, clip, excluded=(),
@@ -279,19 +258,4 @@ def test_float32_and_bad_arguments():
 
 
 def test_mixed_dtypes_in_one_group():
-    # bf16 / fp32 / fp16 tensors go into separate foreach buckets; both paths agree and stay finite.
-    results = []
-    for foreach in (True, False):
-        torch.manual_seed(0)
-        ps = [torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True), torch.randn(5, requires_grad=True),
-              torch.zeros(3, dtype=torch.float16, requires_grad=True)]
-        opt = LARS(ps, lr=0.1, weight_decay=0.01, foreach=foreach)
-        for _ in range(5):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        assert [p.dtype for p in ps] == [torch.bfloat16, torch.float32, torch.float16]
-        results.append([p.detach().float() for p in ps])
-    for a, b in zip(*results):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+    assert_mixed_dtypes_agree(lambda ps, foreach: LARS(ps, lr=0.1, weight_decay=0.01, foreach=foreach))

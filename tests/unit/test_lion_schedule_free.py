@@ -9,27 +9,10 @@ import torch
 
 from bigbatch.optim.lion import Lion
 from bigbatch.optim.schedule_free import ScheduleFreeAdamW
+from tests.unit.optim_helpers import DT, NoisyQuadratic, make_params
 
-DT = torch.float64
-SHAPES = [(4, 3), (5,), (2, 3, 2)]
-
-
-def make_params(seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=DT).requires_grad_() for s in SHAPES]
-
-
-def grads_at(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-    """A gradient that depends on the parameters (quadratic pull to 0.5) plus step-seeded noise."""
-    gen = torch.Generator().manual_seed(3000 + step)
-    return [2.0 * (p.detach() - 0.5) + 0.3 * torch.randn(p.shape, generator=gen, dtype=DT) for p in params]
-
-
-def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int, first: int = 0) -> None:
-    for k in range(first, first + steps):
-        for p, g in zip(params, grads_at(params, k)):
-            p.grad = g
-        opt.step()
+PROBLEM = NoisyQuadratic(noise_seed=3000)
+grads_at, run = PROBLEM.grads_at, PROBLEM.run
 
 
 # ----------------------------------------------------------------------------------------- Lion
