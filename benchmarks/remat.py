@@ -91,7 +91,7 @@ def measured_state_bytes(rank: int, world_size: int, size: dict) -> dict[str, in
     from bigbatch.compression.factory import build_compressor
     from bigbatch.config import OptimConfig
     from bigbatch.distributed.ddp import DDPStrategy
-    from bigbatch.distributed.zero import ShardedStrategy, Zero1Strategy, optimizer_state_bytes as held
+    from bigbatch.distributed.zero import ShardedStrategy, Zero1Strategy, held_optimizer_bytes as held
 
     cpu, found = torch.device("cpu"), {}
     idx = torch.randint(0, size["vocab"], (1, size["seq_len"]))

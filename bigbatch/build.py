@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters, RNGState
-from bigbatch.config import Config, GuardConfig
-from bigbatch.compression.factory import build_compressor
+from bigbatch.config import Config, ConfigError, GuardConfig
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
-from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
-from bigbatch.distributed.diloco import DiLoCoStrategy, build_pseudo_grad_compressor
-from bigbatch.distributed.zero import build_sharding_strategy
+from bigbatch.distributed.builders import build_strategy
+from bigbatch.distributed.rules import wants_noise_scale
+from bigbatch.distributed.strategy import Strategy
 from bigbatch.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
 from bigbatch.optim.adaptive_batch import AdaptiveBatch
-from bigbatch.optim.batch_schedule import batch_schedule_from
+from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
@@ -38,19 +37,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_samples(cfg: Config, train_size: int, batch_at: Callable[[int], int]) -> int:
-    """Length of the run in samples: the smallest of max_samples, epochs and max_steps."""
+def total_samples(cfg: Config, train_size: int, schedule: BatchSchedule) -> int:
+    """Length of the run in samples: the smallest of max_samples, epochs and max_steps.
+
+    Raises ConfigError when a scheduled batch is larger than the training set: one step would take
+    some samples twice, and a batch far larger than the data would exhaust memory gathering them."""
+    largest = max(schedule.all_batches())
+    if largest > train_size:
+        key = "batch.global_batch" if largest == cfg.batch.global_batch else "batch.schedule"
+        raise ConfigError([f"{key}: a global batch of {largest} is larger than the training set "
+                           f"({train_size} samples of data.name={cfg.data.name}); use at most {train_size}"])
     limits = []
     if cfg.run.max_samples is not None:
         limits.append(cfg.run.max_samples)
     if cfg.run.epochs is not None:
         limits.append(math.ceil(cfg.run.epochs * train_size))
     if cfg.run.max_steps is not None:
-        samples = 0
-        for _ in range(cfg.run.max_steps):
-            samples += batch_at(samples)
-        limits.append(samples)
+        limits.append(samples_after_steps(schedule.change_points(), cfg.run.max_steps))
     return min(limits)
+
+
+def samples_after_steps(points: list[tuple[int, int]], steps: int) -> int:
+    """Samples consumed by `steps` optimizer steps of a batch schedule given by its change points.
+
+    Closed form per segment, so max_steps = 2**53 costs as little as 10. A step runs at the batch of the
+    segment it starts in, even when it crosses into the next one (BatchSchedule.batch_at)."""
+    samples = 0
+    ends = [start for start, _ in points[1:]]
+    for (_, batch), end in zip(points, ends):
+        if samples < end:  # segments already overshot by a crossing step are skipped
+            taken = min(steps, -(-(end - samples) // batch))
+            samples, steps = samples + taken * batch, steps - taken
+    return samples + steps * points[-1][1]
 
 
 class LRPolicy:
@@ -72,48 +90,6 @@ class LRPolicy:
         return self.peak(global_batch) * self.schedule.factor(samples)
 
 
-def build_diloco(cfg: Config, model: torch.nn.Module, runtime: Runtime) -> DiLoCoStrategy:
-    d, c = cfg.diloco, cfg.diloco.compression
-    compressor = build_pseudo_grad_compressor(
-        c.method, rank=c.rank, start_step=c.start_step, min_compression_rate=c.min_compression_rate,
-        error_feedback=c.error_feedback, warm_start=c.warm_start, orthogonalization=c.orthogonalization,
-        seed=c.seed)
-    return DiLoCoStrategy(model, runtime.device, replicas=d.replicas, inner_steps=d.inner_steps,
-                          outer_optimizer=d.outer_optimizer.model_dump(), compressor=compressor,
-                          offload=d.offload, bucket_cap_mb=cfg.distributed.bucket_cap_mb,
-                          count_intra_bytes=d.count_intra_bytes, fragments=d.fragments, mixing=d.mixing)
-
-
-def build_strategy(cfg: Config, model: torch.nn.Module, runtime: Runtime):
-    if cfg.distributed.strategy == "diloco":  # also single-process: one replica (Lookahead)
-        return build_diloco(cfg, model, runtime)
-    if not runtime.distributed:
-        return SingleProcess(model)
-    comp = cfg.compression
-    settings = dict(rank=comp.rank, start_step=comp.start_step, min_compression_rate=comp.min_compression_rate,
-                    error_feedback=comp.error_feedback, warm_start=comp.warm_start, seed=comp.seed)
-    if comp.method == "torch_powersgd":
-        ddp_kwargs = dict(compressor=None, torch_powersgd=settings)
-    else:
-        ddp_kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization,
-                                                      **settings))
-    ddp_kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
-    # The noise scale reads local gradients in the hook, so it needs bigbatch's hook even for none.
-    ddp_kwargs["native_allreduce"] = (comp.method == "none" and not comp.time_collectives
-                                      and not wants_noise_scale(cfg))
-    if cfg.distributed.strategy == "ddp":
-        return DDPStrategy(model, runtime.device, **ddp_kwargs)
-    deepspeed_kwargs = dict(stage=cfg.deepspeed.stage, grad_clip=cfg.optim.grad_clip,
-                            micro_batch=cfg.batch.micro_batch, overrides=cfg.deepspeed.config)
-    return build_sharding_strategy(cfg.distributed.strategy, model, runtime.device, ddp_kwargs=ddp_kwargs,
-                                   deepspeed_kwargs=deepspeed_kwargs)
-
-
-def wants_noise_scale(cfg: Config) -> bool:
-    """metrics.noise_scale, or batch.adaptive which grows the batch from it."""
-    return cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
-
-
 def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
     """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch."""
     adaptive_cfg = cfg.batch.adaptive
@@ -129,27 +105,23 @@ def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
 
 
 def build_guard(cfg: GuardConfig):
-    if not cfg.enabled:
-        return NullGuard()
+    if not cfg.enabled:  # non-finite steps are still skipped, and too many in a row stop the run
+        return NullGuard(nan=cfg.nan, max_consecutive_skips=cfg.max_consecutive_skips)
     return SpikeGuard(nan=cfg.nan, spike_factor=cfg.spike_factor, window=cfg.window,
-                      rollback=cfg.rollback, skip_batches=cfg.skip_batches)
+                      rollback=cfg.rollback, skip_batches=cfg.skip_batches,
+                      max_consecutive_skips=cfg.max_consecutive_skips)
 
 
-def wire_states(strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
-    """What the checkpoint holds once (replicated) and per rank, and the after-step hooks, in order.
+def wire_states(strategy: Strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
+    """What the checkpoint holds once (replicated) and per rank, and the after-step metrics hooks.
 
-    Sharding strategies replace the model and optimizer entries (`checkpoint_states`): zero1's
-    optimizer is gathered on rank 0 before a save; zero2/zero3/deepspeed save both through their
-    `sharded_checkpoint` instead."""
+    The strategy says what its model and optimizer entries are (`checkpoint_states`: zero1's optimizer
+    is gathered on rank 0 before a save; zero2/zero3/deepspeed save both through their
+    `sharded_checkpoint` instead) and what each rank keeps (`rank_states`)."""
     replicated = {**strategy.checkpoint_states(optimizer), **more, **({"noise_scale": noise} if noise else {})}
-    per_rank = {"rng": RNGState(), **({"compression": strategy.compressor} if strategy.compressor else {})}
-    after_step = [strategy.comm_metrics] + ([noise] if noise else [])
-    if isinstance(strategy, DiLoCoStrategy):
-        # Replicas differ inside a cycle: each rank also keeps its own model and inner optimizer
-        # (loaded after the replicated copy, which stays as a fallback when the world size changes).
-        replicated["diloco"] = strategy.replicated_state()
-        per_rank.update(diloco_rank=strategy.per_rank_state(), replica_model=model, replica_optimizer=optimizer)
-        after_step.insert(0, strategy.after_step)  # the outer step's bytes belong to this step's row
+    per_rank = {"rng": RNGState(), **strategy.rank_states(model, optimizer)}
+    # the outer step (DiLoCo) runs first: its bytes belong to this step's row
+    after_step = [strategy.after_step, strategy.comm_metrics] + ([noise] if noise else [])
     return replicated, per_rank, after_step
 
 
@@ -166,8 +138,9 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
     strategy = build_strategy(cfg, model, runtime)
     optimizer = strategy.build_optimizer(cfg.optim)  # sharding decides what the optimizer steps
-    batch_at = batch_schedule_from(cfg.batch).batch_at
-    total = total_samples(cfg, len(data.train), batch_at)  # adaptive growth is not foreseen here
+    schedule = batch_schedule_from(cfg.batch)
+    batch_at = schedule.batch_at
+    total = total_samples(cfg, len(data.train), schedule)  # adaptive growth is not foreseen here
     noise = build_noise_monitor(cfg, strategy, runtime, batch_at)
     if noise is not None and noise.adaptive is not None:
         batch_at = noise.adaptive.batch_at

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,21 +29,41 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # No float key has a use for inf or nan (an infinite epoch count overflowed the run length).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     return Field(default, description=doc, **kw)
 
 
+# Counts of steps, samples, tokens and batch sizes stay exact as floats (the LR schedule divides
+# them); seeds fit numpy's 32-bit generator.
+MAX_COUNT = 2**53
+MAX_SEED = 2**32 - 1
+
+
+def _count(default: Any, doc: str, **kw: Any) -> Any:
+    return _f(default, doc, le=MAX_COUNT, **kw)
+
+
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
 class RunConfig(Section):
     name: str = _f("run", "run name; the run directory is out_dir/name")
     out_dir: str = _f("runs", "parent folder of run directories")
-    seed: int = _f(0, "seed for model init, data order and every RNG")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps", gt=0)
-    max_samples: Optional[int] = _f(None, "stop after this many training samples", gt=0)
-    epochs: Optional[float] = _f(None, "stop after this many passes over the training set", gt=0)
+    seed: int = _f(0, "seed for model init, data order and every RNG (0 to 2**32 - 1)", ge=0, le=MAX_SEED)
+    max_steps: Optional[int] = _count(None, "stop after this many optimizer steps", gt=0)
+    max_samples: Optional[int] = _count(None, "stop after this many training samples", gt=0)
+    epochs: Optional[float] = _count(None, "stop after this many passes over the training set", gt=0)
     deterministic: bool = _f(True, "use deterministic torch algorithms (bitwise resume on CPU)")
+    if_exists: Literal["resume", "error", "archive"] = _f(
+        "resume", "when the run dir already holds a run: resume it (checkpoint.resume says from where; "
+        "never is refused), error, or archive (rename it to NAME.archived-DATE, start fresh; a requeue of "
+        "the same Slurm job resumes)")
 
 
 class DataConfig(Section):
@@ -51,20 +71,22 @@ class DataConfig(Section):
     path: Optional[str] = _f(None, "dataset folder or file (fashion_mnist: Debian's folder by default)")
     glob: str = _f("*.txt", "text: files under `path` matching this glob")
     val_fraction: float = _f(0.1, "text/tokens/synthetic: fraction held out for validation", ge=0, lt=1)
-    seq_len: int = _f(128, "text/tokens: tokens per training window", gt=0)
+    seq_len: int = _count(128, "text/tokens: tokens per training window", gt=0)
     token_dtype: Literal["uint16", "uint32"] = _f("uint16", "tokens: integer type of the binary file")
-    vocab_size: Optional[int] = _f(None, "tokens: vocabulary size (default: max id + 1)", gt=0)
-    shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample")
-    num_classes: int = _f(10, "synthetic: number of classes", gt=1)
-    num_samples: int = _f(4096, "synthetic: number of samples", gt=0)
+    vocab_size: Optional[int] = _count(None, "tokens: vocabulary size (default: max id + 1)", gt=0)
+    errors: Literal["strict", "replace"] = _f(
+        "strict", "text: invalid UTF-8 stops the run naming file and byte offset (strict) or becomes U+FFFD")
+    shape: list[PositiveInt] = _f([1, 28, 28], "synthetic: shape of one input sample")
+    num_classes: int = _count(10, "synthetic: number of classes", gt=1)
+    num_samples: int = _count(4096, "synthetic: number of samples", gt=0)
     kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom builder")
 
 
 class ModelConfig(Section):
     name: str = _f("mlp", "mlp | resnet | gpt | 'pkg.module:Class'")
-    hidden: list[int] = _f([256, 256], "mlp: hidden layer widths")
+    hidden: list[PositiveInt] = _f([256, 256], "mlp: hidden layer widths")
     width: int = _f(16, "resnet: channels of the first stage (64 = ResNet-18 width)", gt=0)
-    blocks: list[int] = _f([1, 1, 1], "resnet: residual blocks per stage ([2,2,2,2] = ResNet-18)")
+    blocks: list[PositiveInt] = _f([1, 1, 1], "resnet: residual blocks per stage ([2,2,2,2] = ResNet-18)")
     n_layer: int = _f(4, "gpt: transformer blocks", gt=0)
     n_head: int = _f(4, "gpt: attention heads", gt=0)
     d_model: int = _f(128, "gpt: embedding width", gt=0)
@@ -75,18 +97,18 @@ class ModelConfig(Section):
 class LRScalingConfig(Section):
     rule: Literal["none", "linear", "sqrt", "linear_then_sqrt"] = _f(
         "none", "how the peak LR follows the global batch B")
-    base_batch: int = _f(256, "B0: the batch at which optim.lr was tuned", gt=0)
-    knee_batch: Optional[int] = _f(None, "Bk: linear_then_sqrt switches to sqrt above it", gt=0)
+    base_batch: int = _count(256, "B0: the batch at which optim.lr was tuned", gt=0)
+    knee_batch: Optional[int] = _count(None, "Bk: linear_then_sqrt switches to sqrt above it", gt=0)
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop", "lars", "lamb", "lion",
-                  "schedule_free_adamw"] = _f("sgd", "optimizer")
+    name: str = _f("sgd", "optimizer, registered in bigbatch.optim.registry: sgd, adam, adamw, adagrad, "
+                   "rmsprop, lars, lamb, lion, schedule_free_adamw")
     lr: float = _f(0.1, "base LR (at lr_scaling.base_batch)", gt=0)
     weight_decay: float = _f(0.0, "weight decay", ge=0)
     momentum: float = _f(0.9, "sgd/lars/rmsprop momentum", ge=0, lt=1)
     nesterov: bool = _f(False, "sgd/lars: Nesterov momentum")
-    betas: tuple[float, float] = _f((0.9, 0.999), "adam-family betas")
+    betas: tuple[Fraction, Fraction] = _f((0.9, 0.999), "adam-family betas, each in [0, 1)")
     eps: Optional[float] = _f(None, "epsilon (default: the optimizer's own)", gt=0)
     decay_norm_and_bias: bool = _f(False, "also apply weight decay (and LARS/LAMB adaptation) to biases and norms")
     grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value", gt=0)
@@ -101,54 +123,54 @@ class OptimConfig(Section):
 class LRScheduleConfig(Section):
     name: Literal["constant", "cosine", "linear", "wsd", "one_cycle", "cyclic"] = _f(
         "constant", "schedule after warmup")
-    warmup_samples: Optional[int] = _f(None, "warmup length in samples", ge=0)
+    warmup_samples: Optional[int] = _count(None, "warmup length in samples", ge=0)
     warmup_fraction: float = _f(0.0, "warmup length as a fraction of the run (if warmup_samples unset)",
                                 ge=0, lt=1)
     min_lr_ratio: float = _f(0.0, "final LR as a fraction of the peak", ge=0, le=1)
     decay_fraction: float = _f(0.2, "wsd: final fraction of the run spent decaying", gt=0, le=1)
-    cycle_samples: Optional[int] = _f(None, "cyclic: samples per half cycle", gt=0)
+    cycle_samples: Optional[int] = _count(None, "cyclic: samples per half cycle", gt=0)
 
 
 class Stage(Section):
-    until_samples: int = _f(..., "this stage lasts until this many samples were seen", gt=0)
-    batch: int = _f(..., "global batch during this stage", gt=0)
+    until_samples: int = _count(..., "this stage lasts until this many samples were seen", gt=0)
+    batch: int = _count(..., "global batch during this stage", gt=0)
 
 
 class BatchScheduleConfig(Section):
     kind: Literal["constant", "ramp", "stages"] = _f("constant", "how the global batch changes")
-    start: Optional[int] = _f(None, "ramp: first global batch", gt=0)
-    increment: Optional[int] = _f(None, "ramp: growth per interval", gt=0)
-    ramp_samples: Optional[int] = _f(None, "ramp: samples until the target batch is reached", gt=0)
+    start: Optional[int] = _count(None, "ramp: first global batch", gt=0)
+    increment: Optional[int] = _count(None, "ramp: growth per interval", gt=0)
+    ramp_samples: Optional[int] = _count(None, "ramp: samples until the target batch is reached", gt=0)
     stages: list[Stage] = _f([], "stages: table of {until_samples, batch}; global_batch afterwards")
 
 
 class AdaptiveBatchConfig(Section):
     enabled: bool = _f(False, "grow the batch toward factor × gradient noise scale")
     factor: float = _f(1.0, "target batch = factor × noise scale", gt=0)
-    min: Optional[int] = _f(None, "smallest batch (default batch.global_batch)", gt=0)
-    max: Optional[int] = _f(None, "largest batch", gt=0)
-    every_samples: int = _f(50_000, "re-evaluate the batch this often", gt=0)
+    min: Optional[int] = _count(None, "smallest batch (default batch.global_batch)", gt=0)
+    max: Optional[int] = _count(None, "largest batch", gt=0)
+    every_samples: int = _count(50_000, "re-evaluate the batch this often", gt=0)
 
 
 class BatchConfig(Section):
-    global_batch: int = _f(256, "samples per optimizer step over all ranks (the one knob)", gt=0)
-    micro_batch: Optional[int] = _f(None, "largest per-rank forward batch; accumulation fills the rest",
+    global_batch: int = _count(256, "samples per optimizer step over all ranks (the one knob)", gt=0)
+    micro_batch: Optional[int] = _count(None, "largest per-rank forward batch; accumulation fills the rest",
                                     gt=0)
     schedule: BatchScheduleConfig = _f(BatchScheduleConfig(), "batch-size schedule")
     adaptive: AdaptiveBatchConfig = _f(AdaptiveBatchConfig(), "noise-scale driven batch growth")
 
 
 class DistributedConfig(Section):
-    strategy: Literal["ddp", "zero1", "zero2", "zero3", "deepspeed", "diloco"] = _f(
-        "ddp", "how the model is replicated or sharded")
+    strategy: str = _f("ddp", "how the model is replicated or sharded (bigbatch.distributed.registry): ddp, "
+                       "zero1, zero2, zero3, deepspeed, diloco")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl with CUDA, gloo otherwise")
     timeout_s: float = _f(300.0, "collective timeout; a dead rank fails the job within it", gt=0)
     bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size", gt=0)
 
 
 class CompressionConfig(Section):
-    method: Literal["none", "fp16", "bf16", "powersgd", "torch_powersgd"] = _f(
-        "none", "gradient compression for DDP")
+    method: str = _f("none", "gradient compression for DDP, registered in bigbatch.compression.registry: "
+                     "none, fp16, bf16, powersgd, torch_powersgd")
     rank: int = _f(2, "powersgd: rank of the approximation", gt=0)
     start_step: int = _f(10, "powersgd: plain all-reduce before this step", ge=0)
     min_compression_rate: float = _f(2.0, "powersgd: compress only tensors shrunk at least this much",
@@ -170,7 +192,7 @@ class OuterOptimizerConfig(Section):
 
 
 class PseudoGradCompressionConfig(Section):
-    method: Literal["none", "fp16", "bf16", "powersgd"] = _f("none", "how pseudo-gradients travel")
+    method: str = _f("none", "how pseudo-gradients travel: none, fp16, bf16, powersgd (a registered compressor)")
     rank: int = _f(2, "powersgd: rank", gt=0)
     start_step: int = _f(0, "powersgd: plain all-reduce for this many outer steps", ge=0)
     min_compression_rate: float = _f(2.0, "powersgd: compress only tensors shrunk at least this much", gt=0)
@@ -210,6 +232,9 @@ class CheckpointConfig(Section):
     keep_last: int = _f(3, "keep the newest k checkpoints (0 keeps all)", ge=0)
     at_end: bool = _f(True, "save when training ends")
     resume: str = _f("auto", "auto (newest valid in the run dir) | never | PATH to a step-N dir")
+    allow_config_change: bool = _f(
+        False, "resume although keys other than budget, eval, metrics, checkpoint, slurm and "
+        "distributed.timeout_s changed since the checkpoint (parameter shapes must still match)")
 
 
 class GuardConfig(Section):
@@ -219,6 +244,8 @@ class GuardConfig(Section):
     window: int = _f(50, "recent losses the median is taken over", gt=1)
     rollback: bool = _f(True, "on a spike, reload the latest checkpoint")
     skip_batches: int = _f(200, "batches skipped after a rollback", ge=0)
+    max_consecutive_skips: int = _f(20, "non-finite loss/grad-norm steps skipped in a row before the run "
+                                        "stops as diverged (exit 3); checked even when the guard is off", ge=1)
 
 
 class EvalConfig(Section):
@@ -297,6 +324,28 @@ class Config(Section):
 
 # ----------------------------------------------------------------------------- loading
 
+class AliasError(yaml.YAMLError):
+    """A YAML anchor or alias in a run config."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases. Nine levels of nine aliases expand a 1 kB file into
+    nine to the ninth values, and every later pass (validation, dumping, hashing) would walk them all;
+    a run config has no need for them, so they are refused before anything is built."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise AliasError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name, "
+                             "<<: *name) are not allowed in a run config; write the values out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` without anchors and aliases (AliasError names the line)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def read_raw_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, list[str]]:
     """The YAML mapping with `a.b=c` overrides applied, and the problems found on the way.
 
@@ -307,7 +356,12 @@ def read_raw_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[di
     if not path.is_file():
         raise ConfigError([f"config file {path}: not found; pass the path of a YAML file"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
+    except AliasError as err:
+        raise ConfigError([f"config file {path}: {err}"]) from None
+    except RecursionError:
+        raise ConfigError([f"config file {path}: nested too deeply; a run config is a few levels of "
+                           "sections"]) from None
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {path}: not valid YAML ({err}); fix the syntax"]) from None
     if not isinstance(raw, dict):
@@ -336,7 +390,11 @@ def _apply_override(raw: dict, item: str) -> list[str]:
             return [f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section"]
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = load_yaml(value) if value.strip() else None
+    except AliasError as err:
+        return [f"--set {item[:80]!r}: {err}"]
+    except RecursionError:
+        return [f"--set {item[:80]!r}: nested too deeply"]
     except yaml.YAMLError:
         node[parts[-1]] = value
     return []

@@ -11,18 +11,19 @@ which keeps fp32 weights. Sharding follows the ZeRO paper's stages (Rajbhandari 
 
 | strategy | params    | grads     | optimizer | comm buffers                                  |
 |----------|-----------|-----------|-----------|-----------------------------------------------|
-| ddp      | 4n        | 4n        | s·n       | 4n (DDP's gradient buckets are a copy)        |
-| zero1    | 4n        | 4n        | s·n / N   | 4n (DDP buckets under the sharded optimizer)  |
+| ddp      | 4n        | 4n        | s·n       | 0 (gradients are views into DDP's buckets)    |
+| zero1    | 4n        | 4n        | s·n / N   | 0 (the same DDP, bucket views)                |
 | zero2    | 4n        | 4n / N    | s·n / N   | 0                                             |
 | zero3    | 4n / N    | 4n / N    | s·n / N   | 4·(root + 2·largest block): gathered params   |
 
 x / N is rounded up. The ZeRO paper's K = 12 for Adam counts an fp32 master copy beside fp16 weights;
 here the weights are the fp32 copy, so Adam's state is 8 bytes. Comm buffers: DDP keeps flat
-gradient buckets as large as all gradients unless `gradient_as_bucket_view=True`
-(`ddp_bucket_view=True` here); zero3 assumes FSDP2 units of one block each plus a root unit holding
+gradient buckets as large as all gradients unless `gradient_as_bucket_view=True`, which bigbatch's
+ddp and zero1 set, so they are charged 0 by default (`ddp_bucket_view=False` charges the 4n); zero3 assumes FSDP2 units of one block each plus a root unit holding
 the rest (embeddings, head), with the root, the running block and one prefetched block unsharded.
 
-Optimizer state bytes per parameter (`optimizer_state_bytes`): sgd 4 (momentum buffer; 0 without
+Optimizer state bytes per parameter (`optimizer_state_bytes`, from each registration in
+`bigbatch.optim.registry`): sgd 4 (momentum buffer; 0 without
 momentum), adam/adamw/lamb 8 (first and second moments), adagrad 4 (sum of squares), rmsprop 4
 (+4 with momentum), lars 4 (momentum), lion 4 (one moment), schedule_free_adamw 8 (z and the second
 moment; the issue's 12 counts the copy of y that `eval()` keeps with exact_restore, which exists
@@ -99,25 +100,16 @@ import torch
 from torch import nn
 
 from bigbatch.activation_memory import measure_saved_bytes
+from bigbatch.optim.registry import optimizer_spec
 from bigbatch.remat import POLICIES, apply_remat, check_policy, wrapped_indices
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16")
 FP32, INT64 = 4, 8  # bytes per element
 
-_STATE_BYTES = {"sgd": 4, "adam": 8, "adamw": 8, "adagrad": 4, "rmsprop": 4, "lars": 4, "lamb": 8,
-                "lion": 4, "schedule_free_adamw": 8}
-
-
 def optimizer_state_bytes(name: str, momentum: float = 0.9) -> int:
-    """Bytes of optimizer state per parameter (fp32), as the module doc lists."""
-    if name not in _STATE_BYTES:
-        raise ValueError(f"optim.name: the planner knows {', '.join(_STATE_BYTES)}, not '{name}'")
-    if name == "sgd" and momentum == 0:
-        return 0
-    if name == "rmsprop" and momentum > 0:
-        return 8
-    return _STATE_BYTES[name]
+    """Bytes of optimizer state per parameter (fp32), as each optimizer's registration declares."""
+    return optimizer_spec(name).state_bytes_per_param(momentum)
 
 
 def _precision_bytes(precision: str) -> tuple[int, int]:
@@ -343,7 +335,7 @@ class RankState:
 
 
 def rank_state(strategy: str, spec: ModelSpec, world_size: int, state_bytes_per_param: int,
-               ddp_bucket_view: bool = False) -> RankState:
+               ddp_bucket_view: bool = True) -> RankState:
     n = spec.n_params
     shard = lambda nbytes: -(-nbytes // world_size)  # noqa: E731 (ceil division)
     params, grads, opt = FP32 * n, FP32 * n, state_bytes_per_param * n
@@ -401,7 +393,7 @@ def plan(spec: ModelSpec, world_size: int, device_memory_bytes: int, *, optimize
          momentum: float = 0.9, precision: str = "fp32", k: int = 2,
          strategy: Optional[str] = None, policy: Optional[str] = None,
          micro_batch: Optional[int] = None, usable_fraction: float = 0.9,
-         ddp_bucket_view: bool = False) -> PlanReport:
+         ddp_bucket_view: bool = True) -> PlanReport:
     """Per-rank memory of every strategy × remat policy, and the largest micro-batch of each.
 
     `strategy`/`policy`/`micro_batch`, if given, are the configured choice, reported in `selection`.

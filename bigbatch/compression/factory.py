@@ -1,6 +1,7 @@
 """Build a compressor from its config name and settings.
 
-`method` is one of none | fp16 | bf16 | powersgd | torch_powersgd. The first four give a
+`method` is a name registered in `bigbatch.compression.registry` (none | fp16 | bf16 | powersgd |
+torch_powersgd built in). All but torch_powersgd give a
 `Compressor` to register with `ddp_hook.register_compression_hook` (or to call directly, e.g. on
 DiLoCo pseudo-gradients). `torch_powersgd` is torch's own DDP hook, not a `Compressor`: this returns
 None for it and the caller registers it with `torch_powersgd.register_torch_powersgd` instead.
@@ -18,23 +19,32 @@ import torch
 
 from bigbatch.compression.base import Compressor, LowPrecision, NoCompression
 from bigbatch.compression.powersgd import PowerSGD
+from bigbatch.compression.registry import compressor_spec
 
-METHODS = ("none", "fp16", "bf16", "powersgd", "torch_powersgd")
 POWERSGD_SETTINGS = tuple(inspect.signature(PowerSGD).parameters)
+
+
+def build_none(**settings: Any) -> Compressor:
+    return NoCompression()
+
+
+def build_fp16(**settings: Any) -> Compressor:
+    return LowPrecision(torch.float16)
+
+
+def build_bf16(**settings: Any) -> Compressor:
+    return LowPrecision(torch.bfloat16)
+
+
+def build_powersgd(**settings: Any) -> Compressor:
+    return PowerSGD(**settings)
 
 
 def build_compressor(method: str, **settings: Any) -> Compressor | None:
     """The compressor for `method` (None for torch_powersgd: see the module docstring)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+    spec = compressor_spec(method)
     unknown = sorted(set(settings) - set(POWERSGD_SETTINGS))
     if unknown:
         raise ValueError(f"unknown compression setting(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(POWERSGD_SETTINGS)}")
-    if method == "torch_powersgd":
-        return None
-    if method == "powersgd":
-        return PowerSGD(**settings)
-    if method == "none":
-        return NoCompression()
-    return LowPrecision(torch.float16 if method == "fp16" else torch.bfloat16)
+    return None if spec.build is None else spec.builder()(**settings)

@@ -12,6 +12,7 @@ then counts its bytes itself, untimed.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import ContextManager
 
 import torch
@@ -19,13 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigbatch.compression.base import Compressor, NoCompression, payload_bytes
+from bigbatch.compression.registry import gradient_kinds
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.torch_powersgd import register_torch_powersgd
 from bigbatch.comm import Communicator
 from bigbatch.optim.factory import build_optimizer
 
-GRADIENT_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
-                  "powersgd_q", "powersgd_uncompressed", "torch_powersgd")
+GRADIENT_KINDS = gradient_kinds()  # every registered compressor's kinds (bigbatch.compression.registry)
 
 
 class LocalGradNorm:
@@ -78,14 +79,18 @@ class SingleProcess:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> float:
         """Clip (when grad_clip is set) and step; returns the global gradient norm before clipping.
+        A non-finite norm leaves the weights untouched (the trainer's guard skips the step).
 
         For sharded (DTensor) gradients clip_grad_norm_ already reduces over the shards."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        value = norm.item()
+        if not math.isfinite(value):
+            return value
         if grad_clip is not None:  # without clipping, skip clip's multiply by min(1, max/norm)
             torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
         optimizer.step()
-        return norm.item()
+        return value
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -96,14 +101,26 @@ class SingleProcess:
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def rank_states(self, model: nn.Module, optimizer) -> dict:
+        """Statefuls each rank saves itself: the compressor's error feedback, when there is one."""
+        return {"compression": self.compressor} if self.compressor else {}
+
+    def after_step(self, trainer=None) -> dict:
+        """Nothing to do after an optimizer step (DiLoCo's outer step lives here)."""
+        return {}
+
     def comm_metrics(self, trainer=None) -> dict:
         """Bytes and seconds per collective kind this step, and the saving versus plain all-reduce."""
-        stats = self.comm.take_step_stats()
-        sent = sum(v for k, v in stats.items() if k.split("/", 1)[-1] in GRADIENT_KINDS
-                   and k.startswith("comm_bytes/"))
-        if sent > 0:
-            stats["comm_savings"] = stats["comm_bytes/uncompressed"] / sent
-        return stats
+        return with_savings(self.comm.take_step_stats())
+
+
+def with_savings(stats: dict) -> dict:
+    """`stats` plus `comm_savings`: uncompressed gradient bytes over the bytes every registered
+    gradient kind sent (absent while nothing was sent)."""
+    sent = sum(stats.get(f"comm_bytes/{kind}", 0.0) for kind in GRADIENT_KINDS)
+    if sent > 0:
+        stats["comm_savings"] = stats["comm_bytes/uncompressed"] / sent
+    return stats
 
 
 class CommReductions:

@@ -59,8 +59,9 @@ from bigbatch.compression.base import (Compressor, NoCompression, all_reduce_fla
                                        group_by_dtype, unflatten_into)
 from bigbatch.compression.ddp_hook import param_names_by_id, register_compression_hook
 from bigbatch.compression.factory import build_compressor
+from bigbatch.compression.registry import compressor_spec
 from bigbatch.comm import Communicator
-from bigbatch.distributed.ddp import GRADIENT_KINDS, SingleProcess
+from bigbatch.distributed.ddp import CommReductions, SingleProcess, with_savings
 from bigbatch.distributed.rules import diloco_cycle_problems, diloco_replica_problems, outer_optimizer_problems
 
 OUTER_KIND = "diloco_outer"
@@ -68,7 +69,6 @@ BUFFERS_KIND = "diloco_buffers"
 INIT_KIND = "diloco_init"
 OUTER_OPTIMIZERS = ("sgd",)
 OUTER_OPTIMIZER_SETTINGS = ("name", "lr", "momentum", "nesterov")
-PSEUDO_GRAD_METHODS = ("none", "fp16", "bf16", "powersgd")
 
 
 # -- process groups ------------------------------------------------------------------------------
@@ -132,9 +132,7 @@ def build_pseudo_grad_compressor(method: str = "none", **settings: Any) -> Compr
     """The compressor for the outer all-reduce (`diloco.compression`): none | fp16 | bf16 | powersgd,
     with PowerSGD's settings (rank, start_step, ...). PowerSGD's `start_step` counts outer steps
     (fragment synchronisations under Streaming DiLoCo), not inner steps."""
-    if method not in PSEUDO_GRAD_METHODS:
-        raise ValueError(f"diloco.compression.method must be one of {PSEUDO_GRAD_METHODS} "
-                         f"(torch_powersgd is a DDP gradient hook only), got {method!r}")
+    compressor_spec(method, "diloco.compression.method", pseudo_gradients=True)  # ValueError naming choices
     compressor = build_compressor(method, **settings)
     assert compressor is not None  # only torch_powersgd gives None
     return compressor
@@ -382,7 +380,7 @@ def _sum_stats(tables: Sequence[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
-class DiLoCoStrategy(SingleProcess):
+class DiLoCoStrategy(CommReductions, SingleProcess):
     """DDP inside each replica, DiLoCo across replicas; the trainer's strategy interface.
 
     `all_reduce_*` (loss, eval totals, preemption flags) run over the whole world, across replicas:
@@ -422,25 +420,20 @@ class DiLoCoStrategy(SingleProcess):
             return contextlib.nullcontext()
         return self.model.no_sync()  # accumulate locally; all-reduce on the last micro-batch only
 
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="sum")
-
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="avg")
-
-    def all_reduce_max(self, tensor: Tensor) -> Tensor:
-        return self.comm.all_reduce(tensor, "metrics", op="max")
-
     def after_step(self, trainer: Any = None) -> dict[str, float]:
-        """The trainer's after-step hook: counts the inner step, runs the outer step when due.
-        The trainer calls it after every logged step, including one the loss guard skipped."""
+        """Counts the inner step and runs the outer step when due. The loop calls it after every
+        step, including one the loss guard skipped, before `comm_metrics` (so an outer step's bytes
+        land in its own row)."""
         return self.diloco.maybe_outer_step(self.module)
 
-    def replicated_state(self) -> DiLoCoReplicatedState:
-        return self.diloco.replicated_state()
+    def checkpoint_states(self, optimizer) -> dict:
+        return {**super().checkpoint_states(optimizer), "diloco": self.diloco.replicated_state()}
 
-    def per_rank_state(self) -> DiLoCoPerRankState:
-        return self.diloco.per_rank_state()
+    def rank_states(self, model: nn.Module, optimizer) -> dict:
+        """Replicas differ inside a cycle: each rank also keeps its own model and inner optimizer
+        (loaded after the replicated copy, which stays as a fallback when the world size changes)."""
+        return {**super().rank_states(model, optimizer), "diloco_rank": self.diloco.per_rank_state(),
+                "replica_model": model, "replica_optimizer": optimizer}
 
     def comm_metrics(self, trainer: Any = None) -> dict[str, float]:
         """Per-kind bytes and seconds of the world (metrics), intra-replica (grad_allreduce) and
@@ -448,10 +441,7 @@ class DiLoCoStrategy(SingleProcess):
         `comm_bytes/diloco_outer_uncompressed`; `comm_bytes/uncompressed` stays the gradients'."""
         cross = self.cross_comm.take_step_stats()
         cross["comm_bytes/diloco_outer_uncompressed"] = cross.pop("comm_bytes/uncompressed")
-        stats = _sum_stats([self.comm.take_step_stats(), self.intra_comm.take_step_stats(), cross])
-        grads_sent = sum(stats.get(f"comm_bytes/{kind}", 0.0) for kind in GRADIENT_KINDS)
-        if grads_sent > 0:
-            stats["comm_savings"] = stats["comm_bytes/uncompressed"] / grads_sent
+        stats = with_savings(_sum_stats([self.comm.take_step_stats(), self.intra_comm.take_step_stats(), cross]))
         outer_sent = stats.get(f"comm_bytes/{OUTER_KIND}", 0.0)
         if outer_sent > 0:
             stats["diloco_outer_savings"] = stats["comm_bytes/diloco_outer_uncompressed"] / outer_sent

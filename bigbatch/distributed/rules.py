@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 
+from bigbatch.compression.registry import compressor_spec
 from bigbatch.config import Config
+from bigbatch.distributed.registry import STRATEGIES, strategy_spec
+from bigbatch.optim.registry import OPTIMIZERS
 
-SHARDED_STRATEGIES = ("zero1", "zero2", "zero3", "deepspeed")
-TRUST_RATIO_OPTIMIZERS = ("lars", "lamb")
 DEEPSPEED_STAGES = (0, 1, 2, 3)
 
 
@@ -32,8 +33,9 @@ def zero_problems(strategy: str, optimizer_name: str, impl: str = "torch", compr
         if noise_scale:
             problems.append(f"metrics.noise_scale / batch.adaptive: the noise scale needs per-rank gradients "
                             f"before averaging, which only the DDP hook sees; use ddp or zero1, not {strategy}")
-    if strategy == "zero1" and optimizer_name == "schedule_free_adamw":
-        problems.append("optim.name: schedule_free_adamw swaps its weights for evaluation, which "
+    spec = OPTIMIZERS.find(optimizer_name)
+    if strategy == "zero1" and spec is not None and spec.swaps_eval_weights:
+        problems.append(f"optim.name: {optimizer_name} swaps its weights for evaluation, which "
                         "ZeroRedundancyOptimizer (each rank owns some tensors) does not forward; use "
                         "distributed.strategy ddp, zero2 or zero3")
     return problems
@@ -49,32 +51,41 @@ def deepspeed_problems(strategy: str, stage: int, optimizer_name: str) -> list[s
     if stage not in DEEPSPEED_STAGES:
         return [f"deepspeed.stage: must be 0, 1, 2 or 3, got {stage}"]
     problems = []
-    if stage >= 1 and optimizer_name in TRUST_RATIO_OPTIMIZERS:
+    spec = OPTIMIZERS.find(optimizer_name)  # an unknown name is reported by the optim rules
+    if stage >= 1 and spec is not None and spec.trust_ratio:
         problems.append(
             f"optim.name: {optimizer_name} needs the norm of each whole parameter tensor for its trust "
             f"ratio, but DeepSpeed ZeRO stage {stage} hands the optimizer flat partitions that cut across "
             "tensors (DeepSpeed issue #490), so the ratios would be wrong; use distributed.strategy zero2 "
             "or zero3 (FSDP, exact whole-tensor norms), deepspeed.stage 0, or an Adam-family optimizer")
-    if stage >= 1 and optimizer_name == "schedule_free_adamw":
-        problems.append("optim.name: schedule_free_adamw swaps the weights it evaluates at, but under "
+    if stage >= 1 and spec is not None and spec.swaps_eval_weights:
+        problems.append(f"optim.name: {optimizer_name} swaps the weights it evaluates at, but under "
                         f"DeepSpeed ZeRO stage {stage} it holds flat fp32 partitions, not the model's "
                         "parameters; use distributed.strategy zero2 or zero3, or deepspeed.stage 0")
     return problems
 
 
+def wants_noise_scale(cfg: Config) -> bool:
+    """metrics.noise_scale, or batch.adaptive which grows the batch from it."""
+    return cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
+
+
 def parallel_problems(cfg: Config) -> list[str]:
     """Every rule of the parallelism sections that holds for any world size."""
+    names = _name_problems(cfg)
+    if names:  # the other rules read the registrations of these names
+        return names
     return _compression_problems(cfg) + _diloco_problems(cfg) + _sharding_problems(cfg)
 
 
 def parallel_world_problems(cfg: Config, world_size: int) -> list[str]:
     """Rules that need the world size: sharding and the noise scale need ranks, replicas must divide."""
     strategy, problems = cfg.distributed.strategy, []
-    if world_size == 1 and strategy in SHARDED_STRATEGIES:
+    if world_size == 1 and strategy in STRATEGIES and STRATEGIES.find(strategy).shards:
         problems.append(f"distributed.strategy: {strategy} shards state over ranks, and this is one process; "
                         "launch 2 or more ranks (bigbatch launch --nproc-per-node 2) or use ddp (a "
                         "zero2/zero3 checkpoint reshards to any number of ranks >= 2)")
-    if world_size == 1 and (cfg.metrics.noise_scale or cfg.batch.adaptive.enabled):
+    if world_size == 1 and wants_noise_scale(cfg):
         problems.append("metrics.noise_scale / batch.adaptive: the noise scale compares per-rank and averaged "
                         "gradients, so it needs at least 2 ranks (bigbatch launch --nproc-per-node 2)")
     if strategy == "diloco":
@@ -108,7 +119,7 @@ def outer_optimizer_problems(momentum: float, nesterov: bool) -> list[str]:
 
 def _sharding_problems(cfg: Config) -> list[str]:
     strategy, optim = cfg.distributed.strategy, cfg.optim
-    noise = cfg.metrics.noise_scale or cfg.batch.adaptive.enabled
+    noise = wants_noise_scale(cfg)
     # compression problems of zero2/zero3 are reported by _compression_problems
     problems = (zero_problems(strategy, optim.name, optim.impl, "none", noise)
                 + deepspeed_problems(strategy, cfg.deepspeed.stage, optim.name))
@@ -122,7 +133,7 @@ def _diloco_problems(cfg: Config) -> list[str]:
     if cfg.distributed.strategy != "diloco":
         return []
     d, problems = cfg.diloco, []
-    if cfg.metrics.noise_scale or cfg.batch.adaptive.enabled:
+    if wants_noise_scale(cfg):
         problems.append("metrics.noise_scale / batch.adaptive: not with distributed.strategy=diloco, whose "
                         "gradients are averaged only inside a replica; turn them off")
     problems += diloco_cycle_problems(d.inner_steps, d.fragments)
@@ -130,12 +141,29 @@ def _diloco_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _name_problems(cfg: Config) -> list[str]:
+    """Strategy and compressor names must be registered (pseudo-gradients take only those that can)."""
+    problems = []
+    try:
+        strategy_spec(cfg.distributed.strategy)
+    except ValueError as err:
+        problems.append(str(err))
+    for method, key, pseudo in ((cfg.compression.method, "compression.method", False),
+                                (cfg.diloco.compression.method, "diloco.compression.method", True)):
+        try:
+            compressor_spec(method, key, pseudo_gradients=pseudo)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
 def _compression_problems(cfg: Config) -> list[str]:
     comp = cfg.compression
     if comp.method == "none":
         return []
-    if cfg.distributed.strategy not in ("ddp", "zero1"):
-        return [f"compression.method: gradient compression hooks into DDP (ddp, zero1); with "
+    if not strategy_spec(cfg.distributed.strategy).ddp_hook:
+        hooked = ", ".join(name for name, spec in STRATEGIES.items() if spec.ddp_hook)
+        return [f"compression.method: gradient compression hooks into DDP ({hooked}); with "
                 f"distributed.strategy={cfg.distributed.strategy} set compression.method: none (FSDP and "
                 "DeepSpeed reduce gradients themselves; DiLoCo compresses its pseudo-gradients with "
                 "diloco.compression)"]

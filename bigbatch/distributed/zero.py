@@ -38,28 +38,15 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch.distributed.ddp import CommReductions, DDPStrategy, SingleProcess
-from bigbatch.optim.factory import BUILDERS, param_groups
+from bigbatch.optim.factory import optimizer_builder, param_groups
 from bigbatch.optim.lars import local_norms
-from bigbatch.distributed.rules import (DEEPSPEED_STAGES, SHARDED_STRATEGIES, TRUST_RATIO_OPTIMIZERS,
-                                        deepspeed_problems, zero_problems)
+from bigbatch.distributed.rules import DEEPSPEED_STAGES, deepspeed_problems, zero_problems
+from bigbatch.optim.registry import optimizer_spec
 
 DCP_DIR = "dcp"  # sharded states live in step-N/dcp/
 
 
 # ------------------------------------------------------------------------------ optimizer building
-
-def local_optimizer_builder(optim_cfg: Any) -> Callable[[list[dict]], torch.optim.Optimizer]:
-    """`groups -> optimizer` for `optim_cfg.name`, the same construction as `build_optimizer`."""
-    if optim_cfg.name not in BUILDERS:
-        raise ValueError(f"optim.name: unknown optimizer '{optim_cfg.name}'; "
-                         f"choose one of {', '.join(BUILDERS)}")
-    if optim_cfg.impl == "apex":
-        from bigbatch.optim.apex_impl import build_apex_optimizer
-
-        return lambda groups: build_apex_optimizer(optim_cfg.name, groups, lr=optim_cfg.lr,
-                                                   weight_decay=optim_cfg.weight_decay)
-    return lambda groups: BUILDERS[optim_cfg.name](groups, optim_cfg)
-
 
 def model_param_groups(model: nn.Module, optim_cfg: Any) -> list[dict]:
     return param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
@@ -77,7 +64,7 @@ def build_zero1_optimizer(model: nn.Module, optim_cfg: Any, process_group: Any =
     problems = zero_problems("zero1", optim_cfg.name, optim_cfg.impl)
     if problems:
         raise ValueError("; ".join(problems))
-    build_local = local_optimizer_builder(optim_cfg)
+    build_local = optimizer_builder(optim_cfg)
     # A closure, not a class: ZeroRedundancyOptimizer calls `optimizer_class(groups, **defaults)`.
     return ZeroRedundancyOptimizer(model_param_groups(model, optim_cfg),
                                    optimizer_class=lambda groups: build_local(groups),
@@ -129,8 +116,8 @@ def build_sharded_optimizer(model: nn.Module, optim_cfg: Any, group: Any = None)
     problems = zero_problems("zero3", optim_cfg.name, optim_cfg.impl)
     if problems:
         raise ValueError("; ".join(problems))
-    optimizer = local_optimizer_builder(optim_cfg)(model_param_groups(model, optim_cfg))
-    if optim_cfg.name in TRUST_RATIO_OPTIMIZERS:
+    optimizer = optimizer_builder(optim_cfg)(model_param_groups(model, optim_cfg))
+    if optimizer_spec(optim_cfg.name).trust_ratio:
         optimizer.set_norm_fn(ShardGroupNorms(group))
     return optimizer
 
@@ -402,7 +389,7 @@ class DeepSpeedStrategy(CommReductions, SingleProcess):
             problems.append("optim.impl: apex is not supported under deepspeed; set `optim.impl: torch`")
         if problems:
             raise ValueError("; ".join(problems))
-        client = local_optimizer_builder(optim_cfg)(model_param_groups(self.module, optim_cfg))
+        client = optimizer_builder(optim_cfg)(model_param_groups(self.module, optim_cfg))
         self.engine, _, _, _ = self.deepspeed.initialize(model=self.module, optimizer=client,
                                                          config=copy.deepcopy(self.config),
                                                          dist_init_required=False)
@@ -452,7 +439,7 @@ class DeepSpeedCheckpoint:
 
 # ------------------------------------------------------------------------------- memory accounting
 
-def optimizer_state_bytes(optimizer: Any) -> int:
+def held_optimizer_bytes(optimizer: Any) -> int:
     """Bytes of tensors this rank holds in the optimizer state (DTensors: the local shard only).
 
     For a ZeroRedundancyOptimizer the local optimizer's state is what the rank steps with; the outer
@@ -469,18 +456,3 @@ def optimizer_state_bytes(optimizer: Any) -> int:
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
     return total
-
-
-def build_sharding_strategy(name: str, model: nn.Module, device: torch.device, *, ddp_kwargs: dict,
-                            deepspeed_kwargs: dict | None = None):
-    """zero1|zero2|zero3|deepspeed -> its strategy (ddp_kwargs: DDPStrategy's bucket_cap_mb, compressor,
-    torch_powersgd, native_allreduce; deepspeed_kwargs: DeepSpeedStrategy's stage, grad_clip,
-    micro_batch, overrides)."""
-    if name == "zero1":
-        return Zero1Strategy(model, device, **ddp_kwargs)
-    if name in ("zero2", "zero3"):
-        return ShardedStrategy(model, device, stage=int(name[-1]))
-    if name == "deepspeed":
-        return DeepSpeedStrategy(model, device, **(deepspeed_kwargs or {}))
-    raise ValueError(f"distributed.strategy: '{name}' is not a sharding strategy; use one of "
-                     f"{', '.join(SHARDED_STRATEGIES)}")

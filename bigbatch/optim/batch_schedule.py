@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from bigbatch.config import BatchConfig
 
 KINDS = ("constant", "ramp", "stages")
+# change_points() lists every ramp increment and the trainer walks that list; Megatron's ramps have
+# tens of increments.
+MAX_RAMP_INCREMENTS = 10_000
 
 
 def _as_stage(item: Any) -> tuple[int, int]:
@@ -65,6 +68,9 @@ class BatchSchedule:
             if span % self.increment:
                 raise ValueError(f"increment: (target {self.target} - start {self.start}) = {span} is not a "
                                  f"multiple of increment {self.increment}")
+            if span // self.increment > MAX_RAMP_INCREMENTS:
+                raise ValueError(f"increment: {span // self.increment} increments from {self.start} to "
+                                 f"{self.target}; at most {MAX_RAMP_INCREMENTS}, use a larger increment")
         if self.kind == "stages":
             if not self.stages:
                 raise ValueError("stages: kind stages needs at least one (until_samples, batch)")
@@ -119,11 +125,7 @@ class BatchSchedule:
 
     def all_batches(self) -> list[int]:
         """Every distinct batch the schedule produces, in order of first appearance."""
-        seen: list[int] = []
-        for _, batch in self.change_points():
-            if batch not in seen:
-                seen.append(batch)
-        return seen
+        return list(dict.fromkeys(batch for _, batch in self.change_points()))
 
     def changes_between(self, a: int, b: int) -> list[tuple[int, int]]:
         """Change points (samples, new batch) with a < samples ≤ b."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bigbatch.config import OptimConfig
+from bigbatch.optim.registry import optimizer_spec
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -31,7 +32,27 @@ def _eps(cfg: OptimConfig, default: float) -> float:
     return default if cfg.eps is None else cfg.eps
 
 
-def _lars(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=cfg.foreach)
+
+
+def build_adam(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-8), foreach=cfg.foreach)
+
+
+def build_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-8), foreach=cfg.foreach)
+
+
+def build_adagrad(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(groups, lr=cfg.lr, eps=_eps(cfg, 1e-10), foreach=cfg.foreach)
+
+
+def build_rmsprop(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, eps=_eps(cfg, 1e-8), foreach=cfg.foreach)
+
+
+def build_lars(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     from bigbatch.optim.lars import LARS
 
     return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -39,49 +60,36 @@ def _lars(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
                 clip=cfg.lars_clip, foreach=cfg.foreach)
 
 
-def _lamb(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_lamb(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     from bigbatch.optim.lamb import LAMB
 
     return LAMB(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-6), weight_decay=cfg.weight_decay,
                 trust_clip=cfg.trust_clip, foreach=cfg.foreach)
 
 
-def _lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     from bigbatch.optim.lion import Lion
 
     return Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def _schedule_free(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_schedule_free_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     from bigbatch.optim.schedule_free import ScheduleFreeAdamW
 
     return ScheduleFreeAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-8),
                              weight_decay=cfg.weight_decay)
 
 
-BUILDERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda g, c: torch.optim.SGD(g, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                                        foreach=c.foreach),
-    "adam": lambda g, c: torch.optim.Adam(g, lr=c.lr, betas=c.betas, eps=_eps(c, 1e-8), foreach=c.foreach),
-    "adamw": lambda g, c: torch.optim.AdamW(g, lr=c.lr, betas=c.betas, eps=_eps(c, 1e-8),
-                                            foreach=c.foreach),
-    "adagrad": lambda g, c: torch.optim.Adagrad(g, lr=c.lr, eps=_eps(c, 1e-10), foreach=c.foreach),
-    "rmsprop": lambda g, c: torch.optim.RMSprop(g, lr=c.lr, momentum=c.momentum, eps=_eps(c, 1e-8),
-                                                foreach=c.foreach),
-    "lars": _lars,
-    "lamb": _lamb,
-    "lion": _lion,
-    "schedule_free_adamw": _schedule_free,
-}
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, **overrides: Any) -> torch.optim.Optimizer:
-    """Build `cfg.name` over the model's parameter groups; the LR is reset by the trainer each step."""
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"optim.name: unknown optimizer '{cfg.name}'; choose one of {', '.join(BUILDERS)}")
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+def optimizer_builder(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Optimizer]:
+    """`param_groups -> optimizer` for `cfg` (the registered builder, or apex's fused kernels)."""
+    build = optimizer_spec(cfg.name).builder()
     if cfg.impl == "apex":
         from bigbatch.optim.apex_impl import build_apex_optimizer
 
-        return build_apex_optimizer(cfg.name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return BUILDERS[cfg.name](groups, cfg)
+        return lambda groups: build_apex_optimizer(cfg.name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return lambda groups: build(groups, cfg)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Build `cfg.name` over the model's parameter groups; the LR is reset by the trainer each step."""
+    return optimizer_builder(cfg)(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias))

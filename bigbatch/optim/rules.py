@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from bigbatch.config import Config, split_batch
 from bigbatch.optim.batch_schedule import batch_schedule_from
+from bigbatch.optim.registry import optimizer_spec
 
-NESTEROV_OPTIMIZERS = ("sgd", "lars")
 
 
 def optim_problems(cfg: Config) -> list[str]:
-    problems = []
     optim = cfg.optim
+    try:
+        spec = optimizer_spec(optim.name)
+    except ValueError as err:
+        return [str(err)] + batch_schedule_problems(cfg)
+    problems = []
     if optim.lr_scaling.rule == "linear_then_sqrt" and optim.lr_scaling.knee_batch is None:
         problems.append("optim.lr_scaling.knee_batch: required by rule linear_then_sqrt")
-    if optim.nesterov and optim.momentum == 0 and optim.name in NESTEROV_OPTIMIZERS:
+    if optim.nesterov and optim.momentum == 0 and spec.uses_momentum:
         problems.append(f"optim.nesterov: Nesterov needs momentum > 0 ({optim.name}); set optim.nesterov: false "
                         "or optim.momentum such as 0.9")
     if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:

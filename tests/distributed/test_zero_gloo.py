@@ -24,7 +24,7 @@ from bigbatch.config import OptimConfig
 from bigbatch.distributed.ddp import DDPStrategy
 from bigbatch.distributed.zero import (DCPCheckpoint, DeepSpeedStrategy, ShardGroupNorms, ShardedStrategy,
                                        Zero1OptimizerState, Zero1Strategy,
-                                       deepspeed_problems, optimizer_state_bytes, zero_problems)
+                                       deepspeed_problems, held_optimizer_bytes, zero_problems)
 from bigbatch.models.mlp import MLP
 from bigbatch.optim.factory import build_optimizer
 from bigbatch.optim.lars import local_norms
@@ -168,7 +168,7 @@ def state_bytes_after_one_step(name: str) -> int:
     strategy = make_strategy(name, make_model())
     optimizer = make_optimizer(strategy, name, "lamb")
     train(strategy, optimizer, range(1))
-    return optimizer_state_bytes(optimizer)
+    return held_optimizer_bytes(optimizer)
 
 
 def zero1_local_state_shapes() -> list[tuple[tuple, tuple]]:

@@ -111,19 +111,19 @@ class FakeSpec:
 def test_zero_stages_divide_state_per_rank():
     # n = 1000 parameters, AdamW s = 8 B/param, N = 4 ranks, fp32 params and grads (4 B):
     #   strategy  params       grads        optimizer    comm buffers
-    #   ddp       4n    =4000  4n    =4000  8n   =8000   4n = 4000 (DDP buckets)
-    #   zero1     4n    =4000  4n    =4000  8n/N =2000   4n = 4000
+    #   ddp       4n    =4000  4n    =4000  8n   =8000   0 (gradients are DDP's bucket views)
+    #   zero1     4n    =4000  4n    =4000  8n/N =2000   0
     #   zero2     4n    =4000  4n/N  =1000  8n/N =2000   0
     #   zero3     4n/N  =1000  4n/N  =1000  8n/N =2000   4·(root 100 + 2·block 300) = 2800
     spec, s = FakeSpec(), optimizer_state_bytes("adamw")
-    assert rank_state("ddp", spec, 4, s) == RankState("ddp", 4000, 4000, 8000, 4000)
-    assert rank_state("zero1", spec, 4, s) == RankState("zero1", 4000, 4000, 2000, 4000)
+    assert rank_state("ddp", spec, 4, s) == RankState("ddp", 4000, 4000, 8000, 0)
+    assert rank_state("zero1", spec, 4, s) == RankState("zero1", 4000, 4000, 2000, 0)
     assert rank_state("zero2", spec, 4, s) == RankState("zero2", 4000, 1000, 2000, 0)
     assert rank_state("zero3", spec, 4, s) == RankState("zero3", 1000, 1000, 2000, 2800)
     # N = 3 does not divide: each shard rounds up, 4000/3 → 1334, 8000/3 → 2667
     assert rank_state("zero3", spec, 3, s) == RankState("zero3", 1334, 1334, 2667, 2800)
-    # gradient_as_bucket_view=True: DDP's buckets are the gradients themselves
-    assert rank_state("ddp", spec, 4, s, ddp_bucket_view=True).comm_buffers == 0
+    # without gradient_as_bucket_view DDP keeps flat buckets as large as all gradients: 4n
+    assert rank_state("ddp", spec, 4, s, ddp_bucket_view=False).comm_buffers == 4000
     with pytest.raises(ValueError, match="distributed.strategy"):
         rank_state("diloco", spec, 4, s)
 
@@ -140,16 +140,16 @@ def test_largest_micro_batch_is_the_last_that_fits():
 
 def test_plan_grid_and_selection():
     spec = FakeSpec()
-    # ddp state = 4000 + 4000 + 8000 + 4000 = 20_000; usable = 0.5 · 80_000 = 40_000
-    # b ≤ (40_000 − 20_000 − 600) / 1200 = 16.2 → 16
+    # ddp state = 4000 + 4000 + 8000 + 0 = 16_000; usable = 0.5 · 80_000 = 40_000
+    # b ≤ (40_000 − 16_000 − 600) / 1200 = 19.5 → 19
     report = plan(spec, world_size=4, device_memory_bytes=80_000, optimizer="adamw",
                   usable_fraction=0.5, strategy="ddp", policy="full", micro_batch=20)
     assert report.usable_bytes == 40_000
-    assert report.max_micro_batch["ddp"]["full"] == 16
+    assert report.max_micro_batch["ddp"]["full"] == 19
     # zero3 state = 1000 + 1000 + 2000 + 2800 = 6800 → (40_000 − 6800 − 600) / 1200 = 27.2 → 27
     assert report.max_micro_batch["zero3"]["none"] == 27
-    assert report.selection.largest == 16
-    assert report.selection.peak_bytes == 20_000 + 600 + 20 * 1200
+    assert report.selection.largest == 19
+    assert report.selection.peak_bytes == 16_000 + 600 + 20 * 1200
     text = format_plan(report)
     assert "largest micro-batch per rank" in text and "micro-batch 20 does NOT fit" in text
 
