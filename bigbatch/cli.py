@@ -188,3 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C before the training loop could note it
+        from bigbatch.launch.failure import interrupted
+        return interrupted()
+    except Exception as err:  # under `bigbatch launch`: the launcher prints one line for it
+        from bigbatch.launch.failure import launched_rank, record_rank_failure
+        if not launched_rank():
+            raise
+        return record_rank_failure(err)

@@ -6,6 +6,7 @@ import time
 
 from bigbatch.build import build_trainer
 from bigbatch.config import Config
+from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.launch.runtime import Runtime
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
@@ -25,18 +26,26 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
                                            requeue=cfg.slurm.requeue, log=trainer.progress.write,
                                            requeue_signals=[time_limit_signal(cfg.slurm.signal)])
     start = time.perf_counter()
+    trainer.preemption.install()
     try:
-        with trainer.preemption:
-            result = trainer.fit()
+        result = trainer.fit()
     finally:
         trainer.progress.close()
         trainer.metrics.close()
+        if not trainer.preemption.requested:  # a stopping rank keeps noting late signals (the
+            trainer.preemption.uninstall()    # launcher's TERM) instead of dying of them
     if runtime.is_main:
         summarise(cfg, trainer, result, time.perf_counter() - start)
+    if trainer.stopped_early and trainer.preemption.interrupted:
+        raise SystemExit(INTERRUPTED)  # Ctrl-C: 130 on every rank that saw it, after the checkpoint
     return result
 
 
 def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
+    if trainer.stopped_early and trainer.preemption.interrupted:
+        print(f"interrupted (Ctrl-C): checkpoint at step {trainer.counters.step} saved; rerun the "
+              "same command to resume", flush=True)
+        return
     if trainer.stopped_early:
         requeued = "; job requeued" if trainer.preemption.requeued else ""
         print(f"preempted: checkpoint at step {trainer.counters.step} saved{requeued}; "

@@ -30,6 +30,27 @@ class DistEnv:
 
 
 DEFAULT_PORT = 29500
+# Set by `bigbatch launch` for its ranks: "1" if the user exported OMP_NUM_THREADS, "0" if the
+# launcher set it (to the share below, which also keeps torchrun from forcing 1 and printing a banner).
+OMP_FROM_USER = "BIGBATCH_OMP_NUM_THREADS_FROM_USER"
+
+
+def cpu_share(ranks_on_node: int) -> int:
+    """This process's cores divided between the ranks of its node (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, ranks_on_node))
+
+
+def user_threads(env: dict[str, str] | None = None) -> int | None:
+    """OMP_NUM_THREADS when the user set it (not a launcher), else None."""
+    env = os.environ if env is None else env
+    value = env.get("OMP_NUM_THREADS")
+    if not value or env.get(OMP_FROM_USER) == "0":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"OMP_NUM_THREADS={value!r}: not a positive whole number of threads; "
+                         "unset it or export e.g. OMP_NUM_THREADS=4")
+    return int(value)
 
 
 def detect(env: dict[str, str] | None = None) -> DistEnv:

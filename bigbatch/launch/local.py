@@ -1,10 +1,33 @@
-"""`bigbatch launch`: start N ranks per node through torch.distributed.run (torchrun's engine)."""
+"""`bigbatch launch`: start N ranks per node through torch.distributed.run (torchrun's engine).
+
+Signals: torchrun starts every worker in its own session, so a Ctrl-C at the terminal reaches only
+this launcher, and torchrun's own handlers would answer TERM/INT by terminating the workers and
+calling that a failure. Instead the launcher forwards TERM, INT and USR1 to its workers and keeps
+waiting: the ranks agree at the next step boundary, checkpoint and exit (0, or 130 for Ctrl-C); a
+second Ctrl-C is forwarded too and ends them at once. Slurm signals every process of a step itself,
+so under Slurm a rank may receive USR1/TERM twice; it acts once.
+
+Exit code: 0 after a finished run or a graceful stop (TERM, USR1), 130 after Ctrl-C; otherwise the
+first failing rank's exit code (1 if it died of a signal), with one line naming that rank, its exit
+code and its error (bigbatch.launch.failure writes the traceback to a file the line names).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+from pathlib import Path
 
 from torch.distributed import run as torch_run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from bigbatch.exit_codes import FAILED, INTERRUPTED, OK
+from bigbatch.launch.env import OMP_FROM_USER, cpu_share
+from bigbatch.launch.failure import LAUNCHED, traceback_path
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
@@ -23,23 +46,142 @@ def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
 
 def launch(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
            train_args: list[str]) -> int:
-    """Run `bigbatch train` on every rank; returns 0 on success."""
+    """Run `bigbatch train` on every rank; the exit code (see the module doc)."""
     return run_module(nproc_per_node, ["train", *train_args], nnodes, node_rank, rdzv_endpoint)
 
 
 def run_module(nproc_per_node: int, bigbatch_args: list[str], nnodes: int = 1, node_rank: int = 0,
                rdzv_endpoint: str | None = None) -> int:
     """`python -m bigbatch ARGS` on every rank. A failed rank makes torchrun stop the others."""
-    # Slurm signals every process of the step, this agent included, before the time limit (USR1) or
-    # on `scancel --signal`. USR1 would kill the agent while its workers checkpoint; a Python no-op
-    # keeps it alive (unlike SIG_IGN it is not inherited across exec: workers install their own).
-    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-    parser = torch_run.get_args_parser()
-    args = parser.parse_args(torchrun_args(nproc_per_node, nnodes, node_rank, rdzv_endpoint,
-                                           bigbatch_args))
+    args = torch_run.get_args_parser().parse_args(
+        torchrun_args(nproc_per_node, nnodes, node_rank, rdzv_endpoint, bigbatch_args))
+    prepare_worker_env(nproc_per_node)
+    forwarder = SignalForwarder().install()
+    _quiet_torchrun()
     try:
         torch_run.run(args)
-    except Exception as err:  # torchrun's ChildFailedError already printed the rank's traceback
-        print(f"bigbatch launch: {type(err).__name__}: a rank failed", flush=True)
-        return 1
-    return 0
+    except ChildFailedError as err:
+        return failure_exit_code(err.failures, forwarder.received)
+    except SignalException as err:  # a signal before any rank started: nothing to save
+        return stop_exit_code(forwarder.received or [err.sigval])
+    except Exception as err:  # rendezvous and the like
+        print(f"bigbatch launch: {type(err).__name__}: {err}", flush=True)
+        return FAILED
+    finally:
+        forwarder.uninstall()
+    return OK
+
+
+def prepare_worker_env(nproc_per_node: int) -> None:
+    """Tell the ranks they run under `bigbatch launch` and whether OMP_NUM_THREADS is the user's.
+
+    Setting OMP_NUM_THREADS to the ranks' share of the cores keeps torchrun from forcing 1 (and from
+    printing its banner); each rank recomputes its share from its own affinity anyway."""
+    os.environ[LAUNCHED] = "1"
+    os.environ[OMP_FROM_USER] = "1" if os.environ.get("OMP_NUM_THREADS") else "0"
+    if not os.environ.get("OMP_NUM_THREADS"):
+        os.environ["OMP_NUM_THREADS"] = str(cpu_share(nproc_per_node))
+    # torchrun must not install its TERM/INT handlers over ours (it reads this when starting workers).
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+
+
+def _quiet_torchrun() -> None:
+    """torchrun logs a warning per worker it stops and an error per failure; we print one line."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class SignalForwarder:
+    """Passes TERM, INT and USR1 on to this process's children (the workers) and remembers them."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "SignalForwarder":
+        for signum in FORWARDED:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+        workers = child_pids()
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # exited meanwhile
+                pass
+        if not workers and signum != signal.SIGUSR1:
+            # No worker yet (rendezvous): let torchrun's agent stop as it does on its own signals.
+            raise SignalException(f"bigbatch launch got {signal.Signals(signum).name}",
+                                  sigval=signal.Signals(signum))
+
+
+def child_pids(parent: int | None = None) -> list[int]:
+    """Live children of `parent` (default: this process), from /proc."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and int(fields[1]) == parent and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def stop_exit_code(received: list[int]) -> int:
+    return INTERRUPTED if signal.SIGINT in received else OK
+
+
+def failure_exit_code(failures: dict, received: list[int]) -> int:
+    """Exit code after torchrun reported failed ranks; prints one line unless it was a stop we asked for."""
+    if received and all(_stopped(f.exitcode, received) for f in failures.values()):
+        if any(f.exitcode == -signal.SIGINT for f in failures.values()):
+            print("bigbatch launch: second Ctrl-C: ranks ended without waiting for a checkpoint", flush=True)
+        return stop_exit_code(received)
+    rank, first = min(failures.items(), key=lambda item: _failure_time(item[1]))
+    print(f"bigbatch launch: rank {rank} failed ({_exit_text(first.exitcode)}): {_error_text(first)}",
+          flush=True)
+    return first.exitcode if first.exitcode > 0 else FAILED
+
+
+def _stopped(exitcode: int, received: list[int]) -> bool:
+    """An exit that a forwarded signal explains: 130 (Ctrl-C), or killed by that signal or by the
+    TERM torchrun sends the remaining workers once one has exited non-zero."""
+    return exitcode in (INTERRUPTED, -signal.SIGTERM) or -exitcode in received
+
+
+def _failure_time(failure) -> int:
+    info = failure.error_file_data.get("message", {})
+    info = info.get("extraInfo", {}) if isinstance(info, dict) else {}
+    # Without our nanoseconds, torchrun's whole seconds (noted when it saw the exit): end of that second.
+    return int(info.get("timestamp_ns") or failure.timestamp * 10**9 + 10**9 - 1)
+
+
+def _exit_text(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _error_text(failure) -> str:
+    data = failure.error_file_data.get("message")
+    if not isinstance(data, dict):  # no error file: killed, or exited before bigbatch could record
+        return "no error recorded (see the rank's output above)"
+    where = traceback_path(failure.error_file)
+    return f"{data.get('message')} (traceback: {where})" if where.exists() else str(data.get("message"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from bigbatch.config import DistributedConfig
-from bigbatch.launch.env import DistEnv, detect, export_env
+from bigbatch.launch.env import DistEnv, cpu_share, detect, export_env, user_threads
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,10 @@ def pick_backend(requested: str) -> str:
 
 
 def set_cpu_threads(info: DistEnv) -> None:
-    """Share the cores between the ranks on this node; an explicit OMP_NUM_THREADS wins."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, info.local_world_size)))
+    """Share the cores between the ranks on this node, under any launcher. A user's OMP_NUM_THREADS
+    wins; the one `bigbatch launch` sets does not (env.OMP_FROM_USER). Plain torchrun sets 1, which
+    cannot be told from a user's: export your own there."""
+    torch.set_num_threads(user_threads() or cpu_share(info.local_world_size))
 
 
 @contextlib.contextmanager

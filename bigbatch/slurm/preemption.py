@@ -10,6 +10,10 @@ The flow the trainer wires up (one rank's view):
         handler.after_checkpoint()       # only global rank 0 runs `scontrol requeue`, and only
         return                           #   for the time-limit signal; every rank exits 0
 
+Ctrl-C (SIGINT) is handled like TERM: the first one stops the ranks together with a checkpoint
+(the rank then exits 130, see `interrupted`); after it SIGINT gets its default action back, so a
+second Ctrl-C ends the process at once, even inside a blocking collective.
+
 Only the time-limit signal (`slurm.signal`, USR1 by default) requeues. TERM is what `scancel` sends
 as well as what preemption sends before killing, and the two cannot be told apart: so TERM
 checkpoints and exits 0 without requeueing. A job preempted with Slurm's PreemptMode=REQUEUE is
@@ -57,11 +61,13 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[str | int] = DEFAULT_SIGNALS, *, rank: int = 0,
                  requeue: bool = True, log: Callable[[str], None] | None = None,
-                 requeue_signals: Iterable[str | int] = ("USR1",)):
+                 requeue_signals: Iterable[str | int] = ("USR1",), interrupt: bool = True):
         self.signals = tuple(_signum(s) for s in signals)
         self.requeue_signals = frozenset(_signum(s) for s in requeue_signals)
         self.rank, self.requeue, self.log = rank, requeue, log
+        self.interrupt = interrupt  # also handle SIGINT (Ctrl-C)
         self.received: int | None = None  # the first signal number seen
+        self.interrupted = False  # a Ctrl-C arrived (the rank exits 130 after its checkpoint)
         self.requeued = False
         self._previous: dict[int, object] = {}
 
@@ -69,6 +75,11 @@ class PreemptionHandler:
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C kills at once
+        self._on_signal(signum, frame)
 
     @property
     def requested(self) -> bool:
@@ -88,6 +99,8 @@ class PreemptionHandler:
         """Install the handlers (main thread only, as Python requires); returns self."""
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        if self.interrupt and signal.SIGINT not in self._previous:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
     def uninstall(self) -> None:
@@ -121,7 +134,7 @@ class PreemptionHandler:
         wanted = self.wants_requeue if requeue_agreed is None else requeue_agreed
         if self.requeue and wanted:
             self.requeued = self.requeue_job(rank=self.rank, log=self.log)
-        elif self.log and self.rank == 0 and not wanted:
+        elif self.log and self.rank == 0 and not wanted and not self.interrupted:
             self.log("stopped by TERM (scancel or preemption): checkpoint saved, not requeued")
         return self.requeued
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +124,35 @@ def test_installed_reflects_install_and_uninstall():
     with handler:
         assert handler.installed
     assert not handler.installed
+
+
+def test_first_ctrl_c_is_a_stop_request_and_gives_sigint_its_default_action_back():
+    previous = signal.getsignal(signal.SIGINT)
+    with PreemptionHandler() as handler:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: only a flag
+        assert handler.requested and handler.interrupted and handler.received == signal.SIGINT
+        assert not handler.wants_requeue
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second Ctrl-C ends the process
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_second_ctrl_c_ends_the_process_at_once_without_a_traceback():
+    script = ("import os, signal\n"
+              "from bigbatch.slurm.preemption import PreemptionHandler\n"
+              "handler = PreemptionHandler().install()\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "print('first: stop requested', handler.interrupted, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "print('still alive', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGINT
+    assert done.stdout == "first: stop requested True\n"
+    assert "Traceback" not in done.stderr
+
+
+def test_after_checkpoint_says_nothing_about_term_after_ctrl_c():
+    messages = []
+    handler = PreemptionHandler(log=messages.append)
+    handler.interrupted = True
+    handler._on_signal(signal.SIGINT, None)
+    assert not handler.after_checkpoint() and messages == []

@@ -56,3 +56,31 @@ def test_explicit_master_address_is_kept():
     env = slurm_env(SLURM_JOB_NODELIST="bad[", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
     info = detect(env)
     assert (info.master_addr, info.master_port) == ("10.0.0.1", 1234)
+
+
+# ----------------------------------------------------------------------------- CPU threads per rank
+
+def test_thread_share_ignores_the_launchers_omp_num_threads_but_not_the_users(monkeypatch):
+    import torch
+
+    from bigbatch.launch.env import OMP_FROM_USER, DistEnv, user_threads
+    from bigbatch.launch.runtime import set_cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    info = DistEnv(0, 2, 0, 2, "127.0.0.1", 29500, "torchrun")
+    saved = torch.get_num_threads()
+    try:
+        for env, threads in (({"OMP_NUM_THREADS": "1", OMP_FROM_USER: "0"}, 4),  # set by bigbatch launch
+                             ({"OMP_NUM_THREADS": "3", OMP_FROM_USER: "1"}, 3),  # the user's, via launch
+                             ({"OMP_NUM_THREADS": "2"}, 2),                      # the user's, srun/mpirun
+                             ({}, 4)):
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            monkeypatch.delenv(OMP_FROM_USER, raising=False)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            set_cpu_threads(info)
+            assert torch.get_num_threads() == threads, env
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='many'"):
+        user_threads({"OMP_NUM_THREADS": "many"})
