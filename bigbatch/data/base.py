@@ -8,6 +8,12 @@ from typing import Protocol
 import torch
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used (corrupt file, ids outside the vocabulary, bad encoding); found
+    while the run builds, inside each rank. The message names the file and where, on one line, and the
+    CLI turns it into exit code 2 like any bad input."""
+
+
 class Split(Protocol):
     """An indexable split: `batch(indices)` returns the (inputs, targets) of those samples."""
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bigbatch.data.base import DataBundle, TensorSplit
+from bigbatch.data.base import DataBundle, DataError, TensorSplit
 
 # Mean and std of the training images, for the usual per-channel normalisation.
 MEAN, STD = 0.2860, 0.3530
@@ -17,14 +18,21 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """Decode one IDX file: big-endian header (magic, dims...), then uint8 data."""
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    header = np.frombuffer(raw, dtype=">i4", count=1)[0]
-    if header != magic:
-        raise ValueError(f"data.path: {path} is not an IDX file of the expected kind "
-                         f"(magic {header}, expected {magic})")
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+        raise DataError(f"data.path: {path} is not a readable gzip file ({err}); download it again") from None
     ndim = magic & 0xFF
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    header = np.frombuffer(raw, dtype=">i4", count=1)[0] if len(raw) >= 4 else None
+    if header != magic:
+        raise DataError(f"data.path: {path} is not an IDX file of the expected kind "
+                        f"(magic {header}, expected {magic})")
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4) if len(raw) >= 4 + 4 * ndim else None
+    body, expected = len(raw) - 4 - 4 * ndim, None if dims is None else int(np.prod(dims, dtype=np.int64))
+    if body != expected:
+        raise DataError(f"data.path: {path} is truncated or padded ({max(body, 0)} data bytes, {expected} "
+                        f"expected for dimensions {None if dims is None else dims.tolist()}); download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 

@@ -15,7 +15,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from bigbatch.data.base import DataBundle
+from bigbatch.data.base import DataBundle, DataError
+
+TOKEN_CHUNK = 1 << 22  # ids read per step of the vocabulary check: 8-16 MiB whatever the file size
 
 
 class WindowSplit:
@@ -59,7 +61,17 @@ def member_matches(name: str, pattern: str) -> bool:
     return PurePosixPath(name).match(pattern)
 
 
-def archive_texts(path: str | Path, pattern: str) -> dict[str, str]:
+def decode_text(raw: bytes, where: str, errors: str = "strict") -> str:
+    """UTF-8 text; invalid bytes raise DataError naming `where` and the byte offset (errors="strict")
+    or become U+FFFD (errors="replace")."""
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        raise DataError(f"data.path: {where} is not valid UTF-8 at byte offset {err.start} ({err.reason}); "
+                        "fix the file, or set data.errors: replace to read it with U+FFFD") from None
+
+
+def archive_texts(path: str | Path, pattern: str, errors: str = "strict") -> dict[str, str]:
     """The regular-file members of an archive matching `pattern`, name -> UTF-8 text, sorted by name."""
     path = Path(path)
     try:
@@ -77,7 +89,7 @@ def archive_texts(path: str | Path, pattern: str) -> dict[str, str]:
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         raise ValueError(f"data.path: cannot read the archive {path}: {err}; "
                          "point it at a valid .tar[.gz|.bz2|.xz], .tgz or .zip") from err
-    return {n: raw[n].decode("utf-8", errors="replace") for n in sorted(raw)}
+    return {n: decode_text(raw[n], f"{path}:{n}", errors) for n in sorted(raw)}
 
 
 def text_files(path: str | Path, pattern: str) -> list[Path]:
@@ -86,16 +98,17 @@ def text_files(path: str | Path, pattern: str) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob(pattern) if p.is_file())
 
 
-def read_texts(path: str | Path, pattern: str) -> list[str]:
+def read_texts(path: str | Path, pattern: str, errors: str = "strict") -> list[str]:
     """The texts `data.path` and `data.glob` select: archive members, a file, or a folder's files."""
     if is_archive(path):
-        return list(archive_texts(path, pattern).values())
-    return [f.read_text(encoding="utf-8", errors="replace") for f in text_files(path, pattern)]
+        return list(archive_texts(path, pattern, errors).values())
+    return [decode_text(f.read_bytes(), str(f), errors) for f in text_files(path, pattern)]
 
 
-def load_text(path: str | Path, pattern: str, seq_len: int, val_fraction: float) -> DataBundle:
+def load_text(path: str | Path, pattern: str, seq_len: int, val_fraction: float,
+              errors: str = "strict") -> DataBundle:
     """Character-level corpus: the vocabulary is the sorted set of characters in all texts."""
-    texts = read_texts(path, pattern)
+    texts = read_texts(path, pattern, errors)
     if not texts:
         where = "in the archive" if is_archive(path) else "under"
         raise ValueError(f"data.path: no files matching data.glob={pattern!r} {where} {path}")
@@ -116,6 +129,25 @@ def char_ids(text: str) -> tuple[np.ndarray, int]:
 def load_tokens(path: str | Path, dtype: str, seq_len: int, val_fraction: float,
                 vocab_size: int | None) -> DataBundle:
     """A nanoGPT-style flat binary of uint16/uint32 ids, read lazily through np.memmap."""
+    size, width = Path(path).stat().st_size, np.dtype(dtype).itemsize
+    if size == 0 or size % width:
+        raise DataError(f"data.path: {path} holds {size} bytes, not a whole number of {dtype} ids; "
+                        "check data.token_dtype and the file")
     tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
-    vocab = vocab_size or int(tokens.max()) + 1
-    return _bundle(tokens, seq_len, val_fraction, vocab, "data.path")
+    return _bundle(tokens, seq_len, val_fraction, token_vocab(tokens, vocab_size, path), "data.path")
+
+
+def token_vocab(tokens: np.ndarray, vocab_size: int | None, path: str | Path) -> int:
+    """`vocab_size` once every id is checked to lie below it, or max id + 1 when unset. Read in chunks,
+    so a memory-mapped file is never loaded whole; an id outside the vocabulary would otherwise be an
+    IndexError in the embedding mid-training."""
+    top = 0
+    for start in range(0, len(tokens), TOKEN_CHUNK):
+        chunk = np.asarray(tokens[start:start + TOKEN_CHUNK])
+        top = max(top, int(chunk.max()))
+        if vocab_size is not None and top >= vocab_size:
+            first = start + int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"data.path: {path}: token id {int(chunk[first - start])} at index {first} (byte "
+                            f"offset {first * tokens.itemsize}) is not below data.vocab_size={vocab_size}; "
+                            "raise data.vocab_size or fix the file")
+    return vocab_size or top + 1
