@@ -21,7 +21,8 @@ from typing import Any, Iterable
 
 import torch
 
-APEX_NAMES = ("lamb", "lars")
+from bigbatch.optim.rules import APEX_OPTIMIZERS as APEX_NAMES
+
 _INSTALL = ("set `optim.impl: torch` to use bigbatch's own implementation, or install apex from "
             "NVIDIA's GitHub (https://github.com/NVIDIA/apex; it is not on PyPI)")
 

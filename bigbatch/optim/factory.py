@@ -80,13 +80,21 @@ def build_schedule_free_adamw(groups: list[dict], cfg: OptimConfig) -> torch.opt
                              weight_decay=cfg.weight_decay)
 
 
+def apex_settings(cfg: OptimConfig) -> dict[str, Any]:
+    """The optim keys apex's FusedLAMB / LARC take, with our implementations' defaults."""
+    if cfg.name == "lamb":
+        return dict(lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-6), weight_decay=cfg.weight_decay)
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                trust_coefficient=cfg.trust_coefficient, clip=cfg.lars_clip, eps=_eps(cfg, 1e-8))
+
+
 def optimizer_builder(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Optimizer]:
     """`param_groups -> optimizer` for `cfg` (the registered builder, or apex's fused kernels)."""
     build = optimizer_spec(cfg.name).builder()
     if cfg.impl == "apex":
         from bigbatch.optim.apex_impl import build_apex_optimizer
 
-        return lambda groups: build_apex_optimizer(cfg.name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return lambda groups: build_apex_optimizer(cfg.name, groups, **apex_settings(cfg))
     return lambda groups: build(groups, cfg)
 
 

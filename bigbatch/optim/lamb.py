@@ -32,8 +32,6 @@ from bigbatch.optim.layerwise import LayerwiseOptimizer, NormFn, local_norms, ra
 
 
 class LAMB(LayerwiseOptimizer):
-    GROUP_DEFAULTS = {"trust_clip": None, "bias_correction": True}
-
     """LAMB; see the module docstring for the exact update.
 
     Args:
@@ -48,6 +46,8 @@ class LAMB(LayerwiseOptimizer):
             per-parameter loop. May also be set per group.
         norm_fn: list of tensors -> 1-D tensor of their L2 norms (default: local norms).
     """
+
+    GROUP_DEFAULTS = {"trust_clip": None, "bias_correction": True}
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,

@@ -51,8 +51,6 @@ from bigbatch.optim.layerwise import (LayerwiseOptimizer, NormFn, group_by_devic
                                        local_norms, ratio_or_one)
 
 class LARS(LayerwiseOptimizer):
-    GROUP_DEFAULTS = {"clip": False, "nesterov": False}
-
     """LARS / LARC; see the module docstring for the exact update and the ``norm_fn`` hook.
 
     Args:
@@ -68,6 +66,8 @@ class LARS(LayerwiseOptimizer):
             per-parameter loop. May also be set per group.
         norm_fn: list of tensors -> 1-D tensor of their L2 norms (default: local norms).
     """
+
+    GROUP_DEFAULTS = {"clip": False, "nesterov": False}
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, nesterov: bool = False,

@@ -6,6 +6,8 @@ from bigbatch.config import Config, split_batch
 from bigbatch.optim.batch_schedule import batch_schedule_from
 from bigbatch.optim.registry import optimizer_spec
 
+APEX_OPTIMIZERS = ("lamb", "lars")  # bigbatch.optim.apex_impl
+
 
 
 def optim_problems(cfg: Config) -> list[str]:
@@ -20,9 +22,22 @@ def optim_problems(cfg: Config) -> list[str]:
     if optim.nesterov and optim.momentum == 0 and spec.uses_momentum:
         problems.append(f"optim.nesterov: Nesterov needs momentum > 0 ({optim.name}); set optim.nesterov: false "
                         "or optim.momentum such as 0.9")
+    problems += _apex_problems(optim)
     if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
         problems.append("lr.cycle_samples: required by the cyclic schedule")
     return problems + batch_schedule_problems(cfg)
+
+
+def _apex_problems(optim) -> list[str]:
+    """apex has fused LAMB and LARC only, and FusedLAMB has no trust-ratio clip."""
+    if optim.impl != "apex":
+        return []
+    if optim.name not in APEX_OPTIMIZERS:
+        return [f"optim.impl: apex provides only {' and '.join(APEX_OPTIMIZERS)}, not optim.name "
+                f"'{optim.name}'; set `optim.impl: torch`"]
+    if optim.name == "lamb" and optim.trust_clip is not None:
+        return ["optim.trust_clip: apex's FusedLAMB has no trust-ratio clip; unset it or use `optim.impl: torch`"]
+    return []
 
 
 def batch_schedule_problems(cfg: Config) -> list[str]:
