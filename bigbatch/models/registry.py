@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from bigbatch.config import ModelConfig
-from bigbatch.plugins import resolve_import
+from bigbatch.plugins import PluginError, load_plugin
 from bigbatch.data.base import DataBundle
 from bigbatch.models.gpt import GPT
 from bigbatch.models.mlp import MLP
@@ -25,4 +25,13 @@ def build_model(cfg: ModelConfig, data: DataBundle) -> nn.Module:
             raise ValueError("model.name: gpt needs a language-model dataset (data.name text or tokens)")
         return GPT(data.num_classes, data.input_shape[0], cfg.n_layer, cfg.n_head, cfg.d_model,
                    cfg.dropout)
-    return resolve_import(cfg.name)(**cfg.kwargs)
+    return custom_model_class(cfg.name)(**cfg.kwargs)
+
+
+def custom_model_class(spec: str) -> type[nn.Module]:
+    """The class `model.name` names, checked to be an nn.Module subclass before anything calls it."""
+    cls = load_plugin("model.name", spec)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise PluginError(f"model.name: '{spec}' is a {type(cls).__name__}, not a torch.nn.Module subclass; "
+                          "name the model class itself")
+    return cls
