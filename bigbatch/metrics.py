@@ -1,12 +1,17 @@
 """Metric sinks: metrics.jsonl (one object per step and per eval), TensorBoard, rank-0 progress.
 
 Only the main rank writes. On resume, rows newer than the checkpoint are dropped first
-(`truncate_after`), so the file keeps appending without duplicate steps.
+(`truncate_after`), so the file keeps appending without duplicate steps; a torn last line (a kill
+or a full disk mid-write) is dropped with a warning. TensorBoard's x-axis is samples: a writer
+opened after a resume purges the points past the checkpoint (`purge_step`). `sync()` (flush and
+fsync) runs before every checkpoint, so a checkpoint never points past rows that are not on disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import sys
@@ -15,22 +20,85 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+logger = logging.getLogger(__name__)
 
 
-def truncate_after(path: Path, step: int) -> int:
-    """Drop rows whose step is greater than `step` (atomically); returns how many were dropped."""
+class StorageError(RuntimeError):
+    """A write the run needs failed (a full disk): the message names the file and the errno."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """'PATH: No space left on device (ENOSPC)'."""
+    name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno is not None else "no errno"
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err} ({name})"
+
+
+def storage_error(what: str, err: OSError) -> StorageError:
+    return StorageError(f"cannot write {what}: {describe_os_error(err)}")
+
+
+def parse_rows(path: Path, log=None) -> tuple[list[tuple[dict, bytes, int]], int]:
+    """(row, raw line, byte offset of its end) for each row of a metrics file, and the byte length
+    of its intact part. A torn last line is dropped with a warning through `log`; a broken line
+    before it is a ValueError naming the file and the line number."""
+    lines = Path(path).read_bytes().splitlines(keepends=True)
+    rows, offset = [], 0
+    for number, raw in enumerate(lines, start=1):
+        try:
+            row = json.loads(raw) if raw.strip() else None
+            if row is not None and not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as err:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not a metrics row ({err}); fix or remove that "
+                                 "line, then resume") from None
+            (log or logger.warning)(f"{path}: dropping its torn last line {number} "
+                                    f"({len(raw)} bytes, a write cut short)")
+            break
+        offset += len(raw)
+        if row is not None:
+            rows.append((row, raw, offset))
+    return rows, offset
+
+
+def truncate_after(path: Path, step: int, log=None) -> int:
+    """Drop rows whose step is greater than `step`, and a torn last line; returns how many rows were
+    dropped. When the rows kept are the first ones (the usual case) the file is truncated in place,
+    which needs no free space on a full disk; otherwise it is rewritten atomically."""
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
+    rows, _ = parse_rows(path, log)
+    keep = [_step_of(row) <= step for row, _, _ in rows]
+    kept = [raw for (_, raw, _), ok in zip(rows, keep) if ok]
+    try:
+        if all(keep[:len(kept)]):  # the kept rows are a prefix of the file
+            end = rows[len(kept) - 1][2] if kept else 0
+            if end != path.stat().st_size:
+                os.truncate(path, end)
+            if kept and not kept[-1].endswith(b"\n"):  # the next row must start on a line of its own
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        else:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for raw in kept))
+            os.replace(tmp, path)
+    except OSError as err:
+        raise storage_error(f"{path} (dropping rows newer than step {step})", err) from err
+    return len(rows) - len(kept)
+
+
+def _step_of(row: dict) -> float:
+    step = row.get("step", 0)
+    return step if isinstance(step, (int, float)) else 0
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    return err if err.filename else OSError(err.errno, err.strerror, str(path))
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [row for row, _, _ in parse_rows(path)[0]]
 
 
 class Progress:
@@ -73,6 +141,12 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled, self.path, self.tensorboard = enabled, Path(run_dir) / METRICS_FILE, tensorboard
         self._fh, self.tb = None, None
+        self.purge_step: int | None = None
+
+    def start_at(self, samples: int) -> None:
+        """Training (re)starts after `samples`: TensorBoard hides points of an earlier life of the run
+        beyond it (x = samples; the checkpoint's own row at `samples` stays)."""
+        self.purge_step = samples + 1 if samples > 0 else None
 
     def _open(self) -> None:
         """Opened on the first row, so a resume can first drop rows newer than its checkpoint."""
@@ -81,22 +155,39 @@ class MetricsWriter:
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self.purge_step)
 
     def write(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        if self._fh is None:
-            self._open()
-        self._fh.write(json.dumps(row, allow_nan=True) + "\n")
+        try:
+            if self._fh is None:
+                self._open()
+            self._fh.write(json.dumps(row, allow_nan=True) + "\n")
+        except OSError as err:
+            raise storage_error(f"metrics row of step {row.get('step')}", _named(err, self.path)) from err
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time") and math.isfinite(value):
                     self.tb.add_scalar(f"{prefix}/{key}", value, row["samples"])
 
+    def sync(self) -> None:
+        """Flush and fsync metrics.jsonl (and flush TensorBoard): called before every checkpoint."""
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as err:
+                raise storage_error("metrics before a checkpoint", _named(err, self.path)) from err
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # a full disk: the write that hit it raised (and was reported) already
+                pass
             self._fh = None
         if self.tb is not None:
             self.tb.close()

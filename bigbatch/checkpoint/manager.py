@@ -3,7 +3,9 @@
 Replicated state (written once, by rank 0): model, optimizer, counters, sampler identity, guard and
 any extra Statefuls a strategy registers. Sharded state (zero2/zero3 through torch DCP, DeepSpeed's
 engine) is written by every rank into the same step directory. Per-rank state: RNG streams and, when compression is on,
-error-feedback buffers. Resume loads both and drops metrics rows newer than the checkpoint.
+error-feedback buffers. Resume loads both and drops metrics rows newer than the checkpoint; a
+checkpoint that passes its checksums but cannot be loaded (a payload torch refuses) is reported and
+the previous one is tried. `before_save` callbacks (the metrics sync) run before every save.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from bigbatch.checkpoint.store import (find_latest_valid, load_checkpoint, prune_checkpoints,
-                                       resolve_resume, save_checkpoint)
+from bigbatch.checkpoint.store import (InvalidCheckpoint, find_latest_valid, load_checkpoint,
+                                       prune_checkpoints, resolve_resume, save_checkpoint)
 from bigbatch.config import CheckpointConfig
 from bigbatch.metrics import METRICS_FILE, truncate_after
+
+
+FINITE_KEYS = ("model", "optimizer")  # meta.json's `finite` covers these replicated states
 
 
 class CheckpointManager:
@@ -29,6 +34,7 @@ class CheckpointManager:
         self.replicated, self.per_rank, self.sharded = replicated, per_rank, sharded
         self.meta_extra, self.config_text, self.log = meta_extra, config_text, log
         self.last_saved_step: int | None = None
+        self.before_save: list[Callable[[], None]] = []
         self._last_save_time = time.monotonic()
 
     def _barrier(self) -> None:
@@ -47,10 +53,12 @@ class CheckpointManager:
             self.save(step, samples)
 
     def save(self, step: int, samples: int) -> Path:
+        for hook in self.before_save:
+            hook()
         path = save_checkpoint(self.root, step, samples, self.replicated, self.per_rank,
                                rank=self.runtime.rank, world_size=self.runtime.world_size,
                                meta_extra=self.meta_extra, files_extra={"config.yaml": self.config_text},
-                               barrier=self._barrier, sharded=self.sharded)
+                               barrier=self._barrier, sharded=self.sharded, finite_keys=FINITE_KEYS)
         if self.runtime.is_main:
             prune_checkpoints(self.root, self.cfg.keep_last)
         self._barrier()
@@ -59,12 +67,22 @@ class CheckpointManager:
 
     def resume(self) -> dict | None:
         """Load the checkpoint `checkpoint.resume` names; returns its meta, or None for a fresh start."""
-        path = resolve_resume(self.root, self.cfg.resume, log=self.log if self.runtime.is_main else None)
+        log = self.log if self.runtime.is_main else None
+        path, tried = resolve_resume(self.root, self.cfg.resume, log=log), []
+        while path is not None:
+            try:
+                meta = self.load(path)
+                break
+            except InvalidCheckpoint as err:
+                if self.cfg.resume != "auto":  # an explicit path: exit 2 with the reason
+                    raise
+                tried.append(path)
+                (log or (lambda _: None))(f"skipping checkpoint {path}: invalid ({err}), trying the previous one")
+                path = find_latest_valid(self.root, log, exclude=tried)
         if path is None:
             return None
-        meta = self.load(path)
         if self.runtime.is_main:  # before the metrics file is opened: rows after the checkpoint go
-            dropped = truncate_after(self.run_dir / METRICS_FILE, meta["step"])
+            dropped = truncate_after(self.run_dir / METRICS_FILE, meta["step"], log=self.log)
             self.log(f"resumed from {path} (step {meta['step']}, {meta['samples']} samples"
                      + (f"; dropped {dropped} newer metrics rows)" if dropped else ")"))
         return meta
@@ -76,5 +94,5 @@ class CheckpointManager:
         self.last_saved_step = meta["step"]
         return meta
 
-    def latest(self) -> Path | None:
-        return find_latest_valid(self.root)
+    def latest(self, log: Callable[[str], None] | None = None) -> Path | None:
+        return find_latest_valid(self.root, log)

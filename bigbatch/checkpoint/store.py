@@ -20,6 +20,10 @@ the old directory aside to `.old-step-N/` first; until the new one is complete t
 counts as a checkpoint of step N, so the root never lacks its newest valid checkpoint.
 
 The root must be on a filesystem every rank can see. Only rank 0 renames, deletes and prunes.
+
+meta.json's `finite` says whether the states named by `finite_keys` (the model and optimizer) held
+only finite floats when saved. Pruning keeps the newest finite checkpoint, and `find_latest_valid`
+prefers it: a diverged run never leaves only NaN checkpoints behind.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -39,6 +44,7 @@ import torch
 
 import bigbatch
 from bigbatch.checkpoint.stateful import Stateful
+from bigbatch.metrics import StorageError, describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,11 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^(?:\.old-)?step-(\d{8,})$")
 _TMP_PREFIX, _OLD_PREFIX, _TRASH_PREFIX = ".tmp-", ".old-", ".trash-"
 _RESERVED_META = {"format", "step", "samples", "world_size", "created", "created_unix",
-                  "bigbatch_version", "torch_version", "files", "replicated_keys", "per_rank_keys"}
+                  "bigbatch_version", "torch_version", "files", "replicated_keys", "per_rank_keys", "finite"}
+
+
+class InvalidCheckpoint(ValueError):
+    """A checkpoint that cannot be loaded (its meta.json, a checksum, or a payload torch refuses)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -71,7 +81,8 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
                     per_rank: Mapping[str, Stateful], *, rank: int, world_size: int,
                     meta_extra: Mapping[str, Any] | None = None,
                     files_extra: Mapping[str, str] | None = None,
-                    barrier: Callable[[], None] | None = None, sharded: Any = None) -> Path:
+                    barrier: Callable[[], None] | None = None, sharded: Any = None,
+                    finite_keys: Iterable[str] = ()) -> Path:
     """Save one checkpoint; every rank calls it with the same step. Returns the step directory.
 
     A replicated state with a `before_save()` method (a ZeroRedundancyOptimizer gathering its shards
@@ -82,16 +93,38 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
     `barrier` synchronises all ranks (e.g. `torch.distributed.barrier`); it may be left out only when
     world_size is 1. It is called three times: after rank 0 prepared the temp dir, after every rank
     wrote its file, and after rank 0 committed, so no rank returns before the checkpoint exists.
+
+    A failed write (a full disk) removes what this save wrote and raises StorageError naming the
+    file and the errno; older checkpoints are untouched.
     """
     if barrier is None:
         if world_size > 1:
             raise ValueError("save_checkpoint: world_size > 1 needs a barrier (torch.distributed.barrier)")
         barrier = _no_barrier
     root = Path(root)
+    final = root / step_dir_name(step)
+    try:
+        return _save(root, step, samples, replicated, per_rank, rank, world_size, meta_extra, files_extra,
+                     barrier, sharded, finite_keys)
+    except (OSError, RuntimeError) as err:
+        failure = _os_error_in(err)
+        if failure is None:
+            raise
+        if rank == 0:
+            _discard_unfinished(final)
+        raise StorageError(f"cannot write checkpoint {final}: {describe_os_error(failure)}; removed the unfinished "
+                           "checkpoint, older ones are intact (free space and rerun the same command to "
+                           "resume)") from err
+
+
+def _save(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful],
+          per_rank: Mapping[str, Stateful], rank: int, world_size: int, meta_extra: Any, files_extra: Any,
+          barrier: Callable[[], None], sharded: Any, finite_keys: Iterable[str]) -> Path:
     extra_meta = dict(meta_extra or {})
     extra_files = dict(files_extra or {})
     _check_extras(extra_meta, extra_files)
     final = root / step_dir_name(step)
+    finite = None
     tmp = root / (_TMP_PREFIX + final.name)
     for state in replicated.values():  # collectives: every rank, before rank 0 writes
         if callable(getattr(state, "before_save", None)):
@@ -109,7 +142,9 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
     if sharded is not None:
         sharded.save(tmp / sharded.dirname)
     if rank == 0:
-        _save_states(tmp / REPLICATED, replicated)
+        payload = _save_states(tmp / REPLICATED, replicated)
+        checked = [payload[key] for key in finite_keys if key in payload]
+        finite = all_finite(checked) if checked else None
         for name, text in extra_files.items():
             _write_durably(tmp / name, text.encode("utf-8"))
     barrier()
@@ -120,7 +155,7 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
                 "created_unix": time.time(), "bigbatch_version": bigbatch.__version__,
                 "torch_version": torch.__version__,
                 "replicated_keys": sorted(replicated), "per_rank_keys": sorted(per_rank),
-                **extra_meta}
+                **extra_meta, **({} if finite is None else {"finite": finite})}
         expected = [REPLICATED, *(rank_file_name(r) for r in range(world_size)), *extra_files,
                     *(files_under(tmp, sharded.dirname) if sharded is not None else [])]
         _commit(tmp, final, meta, expected)
@@ -159,13 +194,49 @@ def _commit(tmp: Path, final: Path, meta: dict, files: list[str]) -> None:
         _remove_dir(aside)
 
 
-def _save_states(path: Path, states: Mapping[str, Stateful]) -> None:
+def _save_states(path: Path, states: Mapping[str, Stateful]) -> dict:
     payload = {name: obj.state_dict() for name, obj in states.items()}
-    with open(path, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:  # a file object: torch's RuntimeError then chains the OSError
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:
+        failure = _os_error_in(err)
+        if failure is None or failure.filename:
+            raise
+        raise OSError(failure.errno, failure.strerror, str(path)) from err
+    return payload
 
+
+def all_finite(obj: Any) -> bool:
+    """Whether every floating-point tensor in a (nested) state dict is finite. Sharded (DTensor)
+    values are skipped: checking them would need a collective."""
+    if isinstance(obj, Mapping):
+        return all(all_finite(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(value) for value in obj)
+    if type(obj) is torch.Tensor and (obj.is_floating_point() or obj.is_complex()):
+        return bool(torch.isfinite(obj).all())
+    return True
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (torch.save reports a failed write as RuntimeError('unexpected pos'))."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def _discard_unfinished(final: Path) -> None:
+    """After a failed save: drop its temp dir, and its step dir when the rename happened but
+    meta.json could not be written (an aside copy of that step stays valid)."""
+    shutil.rmtree(final.with_name(_TMP_PREFIX + final.name), ignore_errors=True)
+    if final.is_dir() and not (final / META).is_file():
+        shutil.rmtree(final, ignore_errors=True)
 
 def _check_extras(meta_extra: dict, files_extra: dict) -> None:
     clash = sorted(_RESERVED_META & set(meta_extra))
@@ -218,10 +289,17 @@ def _read_meta(path: Path) -> tuple[dict, str | None]:
     if not isinstance(meta, dict):
         return {}, "unreadable meta.json: not a JSON object"
     for key, kind in (("step", int), ("samples", int), ("world_size", int), ("files", dict)):
-        if not isinstance(meta.get(key), kind):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             return {}, f"meta.json has no valid '{key}'"
-    if meta["world_size"] < 1:
-        return {}, f"meta.json has world_size {meta['world_size']}"
+    if meta["step"] < 0 or meta["samples"] < 0:
+        return {}, f"meta.json has a negative step or samples ({meta['step']}, {meta['samples']})"
+    # Each rank wrote a file listed in `files`: a larger world size is made up (and would make the
+    # checks below build a list that large).
+    if not 1 <= meta["world_size"] <= len(meta["files"]):
+        return {}, (f"meta.json has world_size {meta['world_size']}, not between 1 and the "
+                    f"{len(meta['files'])} files it lists")
+    if "finite" in meta and not isinstance(meta["finite"], bool):
+        return {}, "meta.json has a 'finite' that is not true or false"
     return meta, None
 
 
@@ -253,16 +331,32 @@ def _candidates(root: Path) -> list[tuple[int, Path]]:
     return [(step, path) for step, _, path in found]
 
 
-def find_latest_valid(root: Path | str, log: Callable[[str], None] | None = None) -> Path | None:
-    """The newest valid checkpoint under root, or None. Each newer invalid one is reported through
-    `log` (default: logging.warning) with the reason it was skipped."""
-    report = log or logger.warning
+def is_finite(path: Path | str) -> bool:
+    """False when meta.json says the saved model/optimizer held non-finite values (unknown: True)."""
+    meta, reason = _read_meta(Path(path))
+    return reason is not None or meta.get("finite", True) is not False
+
+
+def find_latest_valid(root: Path | str, log: Callable[[str], None] | None = None,
+                      exclude: Iterable[Path] = ()) -> Path | None:
+    """The newest valid checkpoint under root with finite weights (meta.json), or None; when every
+    valid one holds non-finite values, the newest valid one. Each newer one passed over is reported
+    through `log` (default: logging.warning) with the reason. Paths in `exclude` are not considered."""
+    report, exclude = log or logger.warning, {Path(p) for p in exclude}
+    fallback = None
     for _, path in _candidates(Path(root)):
+        if path in exclude:
+            continue
         reason = validate_checkpoint(path)
-        if reason is None:
+        if reason is None and is_finite(path):
             return path
+        if reason is None:
+            reason = "its model or optimizer state is not finite (meta.json finite: false)"
+            fallback = fallback or path
         report(f"skipping checkpoint {path}: {reason}")
-    return None
+    if fallback is not None:
+        report(f"no checkpoint with finite weights; using the newest valid one, {fallback}")
+    return fallback
 
 
 def resolve_resume(root: Path | str, resume: str, log: Callable[[str], None] | None = None) -> Path | None:
@@ -305,7 +399,7 @@ def load_checkpoint(path: Path | str, replicated: Mapping[str, Stateful], per_ra
     path = Path(path)
     meta, reason = _read_meta(path)
     if reason:
-        raise ValueError(f"cannot load {path}: {reason}")
+        raise InvalidCheckpoint(f"cannot load {path}: {reason}")
     _load_into(path, REPLICATED, meta, replicated, strict)
     if sharded is not None:
         _load_sharded(path, meta, sharded)
@@ -330,7 +424,7 @@ def _load_sharded(path: Path, meta: dict, sharded: Any) -> None:
     for name in names:
         reason = _check_file(path / name, meta["files"][name], checksum=True)
         if reason:
-            raise ValueError(f"cannot load {path}: {reason}")
+            raise InvalidCheckpoint(f"cannot load {path}: {reason}")
     sharded.load(path / sharded.dirname)
 
 
@@ -340,8 +434,8 @@ def _load_into(path: Path, name: str, meta: dict, targets: Mapping[str, Stateful
     info = meta["files"].get(name)
     reason = _check_file(path / name, info, checksum=True) if info is not None else f"meta lists no {name}"
     if reason:
-        raise ValueError(f"cannot load {path}: {reason}")
-    states = torch.load(path / name, map_location="cpu", weights_only=True)
+        raise InvalidCheckpoint(f"cannot load {path}: {reason}")
+    states = _torch_load(path / name)
     missing = sorted(set(targets) - set(states))
     if missing:
         message = f"{path / name} holds no state for {missing} (it has {sorted(states)})"
@@ -351,6 +445,19 @@ def _load_into(path: Path, name: str, meta: dict, targets: Mapping[str, Stateful
     for key, obj in targets.items():
         if key in states:
             obj.load_state_dict(states[key])
+
+
+def _torch_load(path: Path) -> dict:
+    """torch.load(weights_only=True); a payload it refuses (arbitrary pickled objects) or cannot
+    parse makes the checkpoint invalid, never a raw UnpicklingError."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidCheckpoint(f"cannot load {path}: torch.load(weights_only=True) refused it: {first}") from None
+    if not isinstance(states, dict):
+        raise InvalidCheckpoint(f"cannot load {path}: it holds a {type(states).__name__}, not a dict of states")
+    return states
 
 
 # ---------------------------------------------------------------------------------------- pruning
@@ -376,6 +483,7 @@ def prune_checkpoints(root: Path | str, keep_last: int) -> list[Path]:
     for step, path, ok in candidates:
         if path in keep or (not ok and step > newest_step):
             continue
+    keep |= {next((path for _, path in valid if is_finite(path)), newest)}
         _remove_dir(path)
         removed.append(path)
     return removed
