@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from bigbatch import exit_codes
 from bigbatch.config import ConfigError
+from bigbatch.guard import Diverged
+from bigbatch.metrics import StorageError
 from bigbatch.validate import load_config
 
 EXIT_BAD_INPUT = 2
@@ -18,54 +21,66 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set optim.lr=0.2 (repeatable)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bigbatch", description=__doc__)
+    from bigbatch import __version__
+
+    parser = argparse.ArgumentParser(prog="bigbatch", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bigbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    command = lambda name, **kw: sub.add_parser(name, formatter_class=_HelpFormatter, **kw)  # noqa: E731
 
-    train = sub.add_parser("train", help="train in this process (one rank under torchrun/srun/mpirun)")
+    train = command("train", help="train in this process (one rank under torchrun/srun/mpirun)")
     _add_config_args(train)
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config, every key with its description, and exit")
 
-    launch = sub.add_parser("launch", help="start several ranks on this node (torch.distributed.run)")
+    launch = command("launch", help="start several ranks on this node (torch.distributed.run)")
     _add_config_args(launch)
-    launch.add_argument("--nproc-per-node", type=int, default=1)
-    launch.add_argument("--nnodes", type=int, default=1)
-    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (one per GPU)")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes in the job")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's index, 0 .. nnodes-1")
     launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
 
-    lr_find = sub.add_parser("lr-find", help="LR range test: sweep the LR exponentially, suggest one")
+    lr_find = command("lr-find", help="LR range test: sweep the LR exponentially, suggest one")
     _add_config_args(lr_find)
-    lr_find.add_argument("--min-lr", type=float, default=1e-5)
-    lr_find.add_argument("--max-lr", type=float, default=10.0)
-    lr_find.add_argument("--steps", type=int, default=100)
+    lr_find.add_argument("--min-lr", type=float, default=1e-5, help="first LR of the sweep")
+    lr_find.add_argument("--max-lr", type=float, default=10.0, help="last LR of the sweep")
+    lr_find.add_argument("--steps", type=int, default=100, help="steps of the sweep (fewer if the loss diverges)")
 
-    bench = sub.add_parser("bench", help="communication micro-benchmarks")
+    bench = command("bench", help="communication micro-benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    allreduce = bench_sub.add_parser("allreduce", help="all-reduce latency, algbw and busbw per size")
-    allreduce.add_argument("--nproc-per-node", type=int, default=2)
+    allreduce = bench_sub.add_parser("allreduce", help="all-reduce latency, algbw and busbw per size",
+                                     formatter_class=_HelpFormatter)
+    allreduce.add_argument("--nproc-per-node", type=int, default=2, help="ranks to start on this node")
     allreduce.add_argument("--sizes", default="1M,16M,64M", help="comma-separated sizes (K/M/G = 2^10..)")
-    allreduce.add_argument("--iters", type=int, default=20)
-    allreduce.add_argument("--warmup", type=int, default=5)
-    allreduce.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    allreduce.add_argument("--iters", type=int, default=20, help="timed all-reduces per size")
+    allreduce.add_argument("--warmup", type=int, default=5, help="untimed all-reduces per size first")
+    allreduce.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                           help="auto: nccl with CUDA, gloo otherwise")
 
-    submit = sub.add_parser("submit", help="submit the run as a Slurm job (sbatch or submitit)")
+    submit = command("submit", help="submit the run as a Slurm job (sbatch or submitit)")
     _add_config_args(submit)
     submit.add_argument("--dry-run", action="store_true",
-                        help="write RUN_DIR/job.sbatch, check it with `sbatch --test-only`, submit nothing")
+                        help="write RUN_DIR/job.sbatch, print the rank map, check it with `sbatch --test-only`, "
+                             "submit nothing")
 
-    plan = sub.add_parser("plan", help="per-rank memory under ddp/zero1/2/3 and remat; largest micro-batch")
+    plan = command("plan", help="per-rank memory under ddp/zero1/2/3 and remat; largest micro-batch")
     _add_config_args(plan)
-    plan.add_argument("--world-size", type=int, required=True)
+    plan.add_argument("--world-size", type=int, required=True, help="ranks the job will run on")
     plan.add_argument("--device-memory", default="80GB", help="memory of one device, e.g. 80GB, 24GiB")
 
-    report = sub.add_parser("report", help="plot a run's metrics into PNG files")
-    report.add_argument("run_dir")
+    report = command("report", help="plot a run's metrics into PNG files")
+    report.add_argument("run_dir", help="a run directory holding metrics.jsonl")
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
-        print(load_config(args.config, args.set).to_yaml(), end="")
+        print(load_config(args.config, args.set).to_commented_yaml(), end="")
         return 0
     from bigbatch.launch.env import detect
 
@@ -99,9 +114,13 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     with distributed_runtime(cfg.distributed) as runtime:
         result = run_lr_find(cfg, runtime, args.min_lr, args.max_lr, args.steps)
     if runtime.is_main:
-        print(f"lr-find: {len(result['losses'])} steps from {args.min_lr:g}; "
-              f"suggested lr {result['suggested_lr']:.4g} (for global batch {cfg.batch.global_batch}); "
-              f"plot {result['plot']}")
+        scaling = cfg.optim.lr_scaling
+        rule = "" if scaling.rule == "none" else (f", = optim.lr x {result['suggested_lr'] / result['optim_lr']:.4g} "
+                                                   f"by lr_scaling {scaling.rule} from base_batch {scaling.base_batch}")
+        print(f"lr-find: {len(result['losses'])} steps from {args.min_lr:g}; suggested lr "
+              f"{result['suggested_lr']:.4g} at global batch {cfg.batch.global_batch}{rule}")
+        print(f"set optim.lr: {result['optim_lr']:.4g}   (plot {result['plot']}, sweep "
+              f"{cfg.run_dir / 'lr_find.json'})")
     return 0
 
 
@@ -188,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Diverged:  # rank 0's run summary already said why, in one line
+        return exit_codes.DIVERGED
+    except StorageError as err:  # a full disk: the file and the errno, no traceback
+        print(f"bigbatch: error: {err}", file=sys.stderr)
+        return exit_codes.FAILED
     except KeyboardInterrupt:  # Ctrl-C before the training loop could note it
         from bigbatch.launch.failure import interrupted
         return interrupted()

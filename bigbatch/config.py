@@ -317,9 +317,28 @@ class Config(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def to_commented_yaml(self) -> str:
+        """The resolved config as YAML with each key's description as a comment (--print-config);
+        it loads back to the same values as `to_yaml`."""
+        return "\n".join(_commented_lines(self, 0)) + "\n"
+
     def digest(self) -> str:
         """Short hash of the resolved config, stored in checkpoint metadata."""
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+def _commented_lines(section: BaseModel, depth: int) -> list[str]:
+    lines, pad = [], "  " * depth
+    for name, field in type(section).model_fields.items():
+        value, doc = getattr(section, name), field.description or ""
+        if isinstance(value, BaseModel):
+            lines += [f"{pad}{name}:  # {doc}", *_commented_lines(value, depth + 1)]
+            continue
+        text = yaml.safe_dump(section.model_dump(mode="json", include={name})[name], default_flow_style=True,
+                              width=2**31)
+        text = text.removesuffix("\n").removesuffix("\n...").strip()  # a scalar document ends with "..."
+        lines.append(f"{pad}{name}: {text}  # {doc}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- loading

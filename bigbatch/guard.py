@@ -32,6 +32,11 @@ the guard raises instead of looping.
 With `rollback=False` a spike is only logged (a SPIKE event) and `check` returns OK. Spike detection
 starts once `min_history` losses were accepted, and only for a positive median (a factor of a
 non-positive median means nothing).
+
+Non-finite values are caught by both guards, also with guard.enabled false (`NullGuard`): a
+non-finite loss (`check`) or global gradient norm (`check_grad_norm`, after the strategy declined to
+step) skips the step. After `max_consecutive_skips` skipped steps in a row `raise_if_diverged`
+raises `Diverged`, which the CLI turns into exit code 3 (`bigbatch.exit_codes.DIVERGED`).
 """
 
 from __future__ import annotations
@@ -61,26 +66,70 @@ class GuardEvent:
     reason: str
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A non-finite loss with guard.nan = 'error'."""
+class Diverged(RuntimeError):
+    """Training cannot go on (non-finite steps in a row, a NaN with guard.nan: error, spikes that
+    rollbacks do not cure); every rank raises it at the same step. Exit code 3."""
 
 
-class SpikeGuard:
-    def __init__(self, nan: str = "skip", spike_factor: float = 3.0, window: int = 50,
-                 rollback: bool = True, skip_batches: int = 200, min_history: int = 10,
-                 max_rollbacks: int = 5):
+class NonFiniteLossError(Diverged, FloatingPointError):
+    """A non-finite loss or gradient norm with guard.nan = 'error'."""
+
+
+class NonFiniteSkips:
+    """Skips steps whose loss or gradient norm is not finite; too many in a row means divergence."""
+
+    def __init__(self, nan: str = "skip", max_consecutive_skips: int = 20):
         if nan not in ("skip", "error"):
             raise ValueError(f"guard.nan: {nan!r} is not one of skip, error")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"guard.max_consecutive_skips: {max_consecutive_skips} must be >= 1")
+        self.nan, self.max_consecutive_skips = nan, max_consecutive_skips
+        self.consecutive_skips = 0
+        self.events: list[GuardEvent] = []
+
+    def check_grad_norm(self, norm: float, step: int | None = None) -> GuardAction:
+        """OK, or SKIP_STEP for a non-finite (global) gradient norm. Does not record; see `record`."""
+        norm = float(norm)
+        return GuardAction.OK if math.isfinite(norm) else self._nonfinite("gradient norm", norm, step)
+
+    def _nonfinite(self, what: str, value: float, step: int | None) -> GuardAction:
+        if self.nan == "error":
+            raise NonFiniteLossError(f"non-finite {what} {value} at step {step} (guard.nan: error; "
+                                     "use guard.nan: skip to drop such steps)")
+        self.consecutive_skips += 1
+        self._event(step, "nonfinite", value, f"non-finite {what} {value}: step skipped "
+                                              f"({self.consecutive_skips} in a row)")
+        return GuardAction.SKIP_STEP
+
+    def record(self, loss: float) -> None:
+        """An accepted (finite, applied) step ends a run of skipped ones."""
+        self.consecutive_skips = 0
+
+    def raise_if_diverged(self, step: int) -> None:
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise Diverged(f"{self.consecutive_skips} steps in a row up to step {step} had a non-finite loss "
+                           f"or gradient norm (guard.max_consecutive_skips: {self.max_consecutive_skips}); "
+                           "the skipped steps left the weights untouched")
+
+    def _event(self, step: int | None, kind: str, loss: float, reason: str) -> None:
+        self.events.append(GuardEvent(step, kind, loss, reason))
+        logger.warning("guard: step %s: %s", step, reason)
+
+
+class SpikeGuard(NonFiniteSkips):
+    def __init__(self, nan: str = "skip", spike_factor: float = 3.0, window: int = 50,
+                 rollback: bool = True, skip_batches: int = 200, min_history: int = 10,
+                 max_rollbacks: int = 5, max_consecutive_skips: int = 20):
+        super().__init__(nan, max_consecutive_skips)
         if not spike_factor > 1:
             raise ValueError(f"guard.spike_factor: {spike_factor} must be > 1")
         if window < 1 or skip_batches < 0 or min_history < 1 or max_rollbacks < 1:
             raise ValueError("guard: window, min_history and max_rollbacks must be >= 1, skip_batches >= 0")
-        self.nan, self.spike_factor, self.rollback = nan, spike_factor, rollback
+        self.spike_factor, self.rollback = spike_factor, rollback
         self.skip_batches, self.max_rollbacks = skip_batches, max_rollbacks
         self.min_history = min(min_history, window)
         self.history: deque[float] = deque(maxlen=window)
         self.skip_remaining = 0
-        self.events: list[GuardEvent] = []
         self._rollback_target: int | None = None  # checkpoint step of the last rollback
         self._rollback_streak = 0
 
@@ -88,11 +137,7 @@ class SpikeGuard:
         """What to do with a step whose (global) loss is `loss`. Does not record it; see `record`."""
         loss = float(loss)
         if not math.isfinite(loss):
-            if self.nan == "error":
-                raise NonFiniteLossError(f"non-finite loss {loss} at step {step} (guard.nan: error; "
-                                         "use guard.nan: skip to drop such steps)")
-            self._event(step, "nonfinite", loss, f"non-finite loss {loss}: step skipped")
-            return GuardAction.SKIP_STEP
+            return self._nonfinite("loss", loss, step)
         threshold = self.threshold()
         if threshold is None or loss <= threshold:
             return GuardAction.OK
@@ -113,6 +158,7 @@ class SpikeGuard:
 
     def record(self, loss: float) -> None:
         """Remember an accepted (finite, applied) loss."""
+        super().record(loss)
         self.history.append(float(loss))
 
     def after_rollback(self, checkpoint_step: int) -> int:
@@ -122,7 +168,7 @@ class SpikeGuard:
         else:
             self._rollback_target, self._rollback_streak = checkpoint_step, 1
         if self._rollback_streak > self.max_rollbacks:
-            raise RuntimeError(f"loss spiked again after {self.max_rollbacks} rollbacks to the checkpoint "
+            raise Diverged(f"loss spiked again after {self.max_rollbacks} rollbacks to the checkpoint "
                                f"of step {checkpoint_step}; the run is not recovering (raise "
                                "guard.skip_batches, lower the LR, or turn guard.rollback off)")
         self.skip_remaining = self.skip_batches * self._rollback_streak
@@ -136,31 +182,25 @@ class SpikeGuard:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "skip_remaining": int(self.skip_remaining)}
+        return {"history": list(self.history), "skip_remaining": int(self.skip_remaining),
+                "consecutive_skips": self.consecutive_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # An empty state comes from a run whose guard was off (NullGuard): start with a fresh window.
+        # A state without history comes from a run whose guard was off (NullGuard): a fresh window.
         self.history.clear()
         self.history.extend(float(v) for v in state.get("history", []))  # newest kept if window shrank
         self.skip_remaining = int(state.get("skip_remaining", 0))
-
-    def _event(self, step: int | None, kind: str, loss: float, reason: str) -> None:
-        self.events.append(GuardEvent(step, kind, loss, reason))
-        logger.warning("guard: step %s: %s", step, reason)
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
 
 
-class NullGuard:
-    """guard.enabled: false. Same interface, never intervenes (a non-finite loss is applied)."""
+class NullGuard(NonFiniteSkips):
+    """guard.enabled: false: no spike detection or rollback, but non-finite steps are still skipped."""
 
-    def __init__(self) -> None:
-        self.events: list[GuardEvent] = []
-        self.skip_remaining = 0
+    skip_remaining = 0
 
     def check(self, loss: float, step: int | None = None) -> GuardAction:
-        return GuardAction.OK
-
-    def record(self, loss: float) -> None:
-        pass
+        loss = float(loss)
+        return GuardAction.OK if math.isfinite(loss) else self._nonfinite("loss", loss, step)
 
     def after_rollback(self, checkpoint_step: int) -> int:
         return 0
@@ -169,7 +209,7 @@ class NullGuard:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"consecutive_skips": self.consecutive_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))

@@ -3,7 +3,9 @@
 The LR grows exponentially from --min-lr to --max-lr over --steps optimizer steps (the configured
 schedule and scaling rule are bypassed), the sweep stops once the loss diverges, and the suggested
 LR is where the smoothed loss falls fastest. Nothing of the real run is touched: no checkpoints,
-no metrics.jsonl; only RUN_DIR/lr_find.png (and lr_find.json) are written.
+no metrics.jsonl; only RUN_DIR/lr_find.png (and lr_find.json) are written. The suggestion is an LR
+at the configured global batch; `optim_lr` in lr_find.json is the value for `optim.lr`, which the
+scaling rule reads at `optim.lr_scaling.base_batch`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter
 from bigbatch.optim.lr_finder import exponential_lrs, is_diverged, suggest_lr
+from bigbatch.optim.lr_scaling import peak_lr
 
 
 class SweepLR:
@@ -54,12 +57,21 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     trainer.fit()
     trainer.progress.close()
     tried = lrs[:len(losses)]
-    result = {"lrs": tried, "losses": losses, "suggested_lr": suggest_lr(tried, losses)}
+    suggested = suggest_lr(tried, losses)
+    result = {"lrs": tried, "losses": losses, "suggested_lr": suggested, "global_batch": cfg.batch.global_batch,
+              "optim_lr": suggested / lr_scale(cfg)}
     if runtime.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "lr_find.json").write_text(json.dumps(result))
         result["plot"] = str(plot_sweep(result, cfg.run_dir / "lr_find.png"))
     return result
+
+
+def lr_scale(cfg: Config) -> float:
+    """f(B): what the scaling rule multiplies optim.lr by at the configured global batch. The sweep
+    applies its LRs directly, so the LR to write into optim.lr is the suggestion divided by f(B)."""
+    scaling = cfg.optim.lr_scaling
+    return peak_lr(1.0, cfg.batch.global_batch, scaling.rule, scaling.base_batch, scaling.knee_batch)
 
 
 def plot_sweep(result: dict, path):

@@ -14,7 +14,8 @@ from bigbatch.activation_memory import SavedTensorMeter
 from bigbatch.checkpoint.stateful import Counters
 from bigbatch.config import split_batch
 from bigbatch.evaluate import evaluate, task_loss
-from bigbatch.guard import GuardAction, NullGuard
+from bigbatch.distributed.diloco import DiLoCoStrategy
+from bigbatch.guard import Diverged, GuardAction, NullGuard
 
 
 class NoPreemption:
@@ -57,10 +58,30 @@ class Trainer:
     current_batch: int | None = None
     last_loss: float = math.nan
     last_grad_norm: float = math.nan
+    diverged: str | None = None  # why training stopped on non-finite steps (exit code 3)
+
+    def __post_init__(self) -> None:
+        hooks = getattr(self.checkpointer, "before_save", None)
+        if hooks is not None:  # a checkpoint never points past metrics rows that are not on disk
+            hooks.append(self.metrics.sync)
 
     def fit(self) -> dict:
-        """Train until the sample or step budget is spent (or a preemption); returns the last row."""
+        """Train until the sample or step budget is spent (or a preemption, or divergence: then
+        `diverged` says why, and no checkpoint is written); returns the last row."""
         self.strategy.model.train()
+        self.metrics.start_at(self.counters.samples)  # after a resume: TensorBoard drops later points
+        try:
+            row = self.train_steps()
+        except Diverged as err:  # raised on every rank at the same step: the checks use global values
+            self.diverged = str(err)
+            return {"loss": self.last_loss}
+        if self.stopped_early:
+            return row
+        self.maybe_evaluate(final=True)
+        self.checkpointer.maybe_save(self.counters.step, self.counters.samples, final=True)
+        return {**row, **self.last_eval}
+
+    def train_steps(self) -> dict:
         row, timer = {}, time.perf_counter()
         while not self.finished():
             preempted, time_due, requeue = self.agreed_flags()
@@ -78,20 +99,20 @@ class Trainer:
                 self.rollback()
                 continue
             if action is GuardAction.OK:
-                grad_norm = self.optimizer_step()
-                self.guard.record(loss)  # the spike threshold follows accepted losses only
+                grad_norm, action = self.optimizer_step()
             else:
                 grad_norm = self.discard_gradients()
+            if action is GuardAction.OK:
+                self.guard.record(loss)  # the spike threshold follows accepted losses only
             self.last_grad_norm = grad_norm
             self.counters.step += 1
             self.counters.samples += batch
             step_time, timer = time.perf_counter() - timer, time.perf_counter()
             row = self.log_step(loss, lr, batch, grad_norm, step_time, skipped=action is not GuardAction.OK)
+            self.guard.raise_if_diverged(self.counters.step)
             self.maybe_evaluate(final=False)
             self.checkpointer.maybe_save(self.counters.step, self.counters.samples, time_due=time_due)
-        self.maybe_evaluate(final=True)
-        self.checkpointer.maybe_save(self.counters.step, self.counters.samples, final=True)
-        return {**row, **self.last_eval}
+        return row
 
     def forward_backward(self, batch: int) -> tuple[float, GuardAction]:
         """Accumulate this rank's share of the global batch; returns the global mean loss."""
@@ -119,10 +140,20 @@ class Trainer:
         self._meter = SavedTensorMeter(self.strategy.module)
         return self._meter
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> tuple[float, GuardAction]:
+        """Clip and step. The strategy does not step on a non-finite global gradient norm; the guard
+        then counts the step as skipped (its gradients are dropped here either way)."""
         grad_norm = self.strategy.optimizer_step(self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, self.guard.check_grad_norm(self.agreed_norm(grad_norm), self.counters.step + 1)
+
+    def agreed_norm(self, grad_norm: float) -> float:
+        """DiLoCo replicas hold different gradients: one rank's non-finite norm counts as non-finite on
+        every rank, so all take the same decision. Other strategies' norms are global already."""
+        if self.runtime.world_size == 1 or not isinstance(self.strategy, DiLoCoStrategy):
+            return grad_norm
+        flag = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=self.runtime.device)
+        return grad_norm if self.strategy.all_reduce_max(flag).item() == 0 else math.inf
 
     def discard_gradients(self) -> float:
         """A skipped step (non-finite loss): its gradients must not leak into the next step."""

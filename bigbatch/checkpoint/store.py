@@ -465,8 +465,9 @@ def _torch_load(path: Path) -> dict:
 def prune_checkpoints(root: Path | str, keep_last: int) -> list[Path]:
     """Rank 0, between saves: keep the newest `keep_last` valid checkpoints (<= 0 keeps all), delete
     older valid ones, invalid ones not newer than the newest valid one, and leftovers of killed saves.
-    Never deletes the newest valid checkpoint, nor an invalid one newer than it (kept for inspection).
-    Returns the deleted directories."""
+    Never deletes the newest valid checkpoint, the newest valid one with finite weights (meta.json),
+    nor an invalid one newer than the newest valid (kept for inspection). Returns the deleted
+    directories."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -480,10 +481,10 @@ def prune_checkpoints(root: Path | str, keep_last: int) -> list[Path]:
     valid = [(step, path) for step, path in valid
              if not (path.name.startswith(_OLD_PREFIX) and path.name[len(_OLD_PREFIX):] in names)]
     keep = {path for _, path in (valid[:keep_last] if keep_last > 0 else valid)} | {newest}
+    keep |= {next((path for _, path in valid if is_finite(path)), newest)}
     for step, path, ok in candidates:
         if path in keep or (not ok and step > newest_step):
             continue
-    keep |= {next((path for _, path in valid if is_finite(path)), newest)}
         _remove_dir(path)
         removed.append(path)
     return removed

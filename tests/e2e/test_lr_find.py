@@ -26,4 +26,16 @@ def test_lr_find_sweeps_stops_on_divergence_and_suggests(tmp_path, capsys):
     assert lrs[0] <= result["suggested_lr"] <= lrs[-1]
     assert (run_dir / "lr_find.png").is_file()
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
-    assert "suggested lr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "suggested lr" in out and f"set optim.lr: {result['optim_lr']:.4g}" in out and "lr_find.json" in out
+    assert result["optim_lr"] == result["suggested_lr"]  # rule none: optim.lr is the LR itself
+
+
+def test_lr_find_suggests_optim_lr_with_the_scaling_removed(tmp_path, capsys):
+    # linear scaling from base_batch 4 at global batch 16: the swept LR is 16/4 = 4x optim.lr
+    config = write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, optim={"name": "sgd", "lr_scaling": {"rule": "linear", "base_batch": 4}}))
+    assert main(["lr-find", str(config), "--min-lr", "1e-3", "--max-lr", "1e4", "--steps", "30"]) == 0
+    result = json.loads((tmp_path / "runs" / "tiny" / "lr_find.json").read_text())
+    assert result["optim_lr"] == pytest.approx(result["suggested_lr"] / 4)
+    assert "by lr_scaling linear from base_batch 4" in capsys.readouterr().out

@@ -108,3 +108,27 @@ def test_every_scheduled_batch_is_checked_against_the_world(tmp_path):
     # The ramp visits 16, 32, 48, 64: over 32 ranks, 16 and 48 cannot be split.
     problems = world_problems(cfg, 32)
     assert [p.split(" does")[0] for p in problems] == ["batch.global_batch=16", "batch.global_batch=48"]
+
+
+def test_print_config_comments_every_key_and_loads_back(tmp_path, capsys):
+    import yaml
+
+    raw = tiny_config(tmp_path, run={"name": "it's: # tricky"}, data={"glob": "*.txt"})
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert main(["train", str(config), "--print-config"]) == 0
+    text = capsys.readouterr().out
+    cfg = load_config(config)
+    assert yaml.safe_load(text) == yaml.safe_load(cfg.to_yaml())  # comments change nothing
+    assert "  lr: 0.1  # base LR (at lr_scaling.base_batch)" in text
+    assert "optim:  # optimizer" in text
+
+
+def test_version_and_help_show_defaults(capsys):
+    from bigbatch import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"bigbatch {__version__}"
+    with pytest.raises(SystemExit):
+        main(["launch", "--help"])
+    assert "(default: 1)" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.guard import GuardAction, NonFiniteLossError, NullGuard, SpikeGuard
+from bigbatch.guard import Diverged, GuardAction, NonFiniteLossError, NullGuard, SpikeGuard
 
 
 def fill(guard: SpikeGuard, losses) -> None:
@@ -100,14 +100,39 @@ def test_load_does_not_erase_events():
     assert len(guard.events) == 1
 
 
-def test_null_guard_never_intervenes():
+def test_null_guard_never_rolls_back_but_skips_non_finite_steps():
     guard = NullGuard()
-    assert guard.check(math.nan) is GuardAction.OK and not guard.take_skip()
+    assert guard.check(1e9) is GuardAction.OK and not guard.take_skip()
     assert guard.after_rollback(3) == 0 and guard.events == []
+    assert guard.check(math.nan, step=4) is GuardAction.SKIP_STEP
+    assert guard.check_grad_norm(math.inf, step=5) is GuardAction.SKIP_STEP
+    assert [(e.step, e.kind) for e in guard.events] == [(4, "nonfinite"), (5, "nonfinite")]
+
+
+@pytest.mark.parametrize("make", [NullGuard, SpikeGuard])
+def test_consecutive_skips_end_in_diverged_and_an_accepted_step_resets_them(make):
+    guard = make(max_consecutive_skips=3)
+    for step in (1, 2):
+        assert guard.check(math.nan, step) is GuardAction.SKIP_STEP
+        guard.raise_if_diverged(step)
+    guard.record(1.0)                                  # an applied step ends the streak
+    guard.check_grad_norm(math.nan, 4), guard.check(math.inf, 5), guard.check(math.nan, 6)
+    assert guard.state_dict()["consecutive_skips"] == 3
+    with pytest.raises(Diverged, match="3 steps in a row up to step 6"):
+        guard.raise_if_diverged(6)
+    restored = make(max_consecutive_skips=3)
+    restored.load_state_dict(guard.state_dict())       # a resume mid-streak keeps counting
+    with pytest.raises(Diverged):
+        restored.raise_if_diverged(6)
+
+
+def test_nan_error_is_a_divergence_also_for_the_gradient_norm():
+    with pytest.raises(Diverged, match="gradient norm"):
+        NullGuard(nan="error").check_grad_norm(math.nan, step=2)
 
 
 @pytest.mark.parametrize("kwargs", [{"nan": "ignore"}, {"spike_factor": 1.0}, {"window": 0},
-                                    {"skip_batches": -1}])
+                                    {"skip_batches": -1}, {"max_consecutive_skips": 0}])
 def test_invalid_settings_are_rejected(kwargs):
     with pytest.raises(ValueError, match="guard"):
         SpikeGuard(**kwargs)
