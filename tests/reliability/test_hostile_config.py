@@ -113,6 +113,13 @@ def test_a_global_batch_larger_than_the_training_set_is_bad_input(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
+def test_synthetic_data_too_large_to_draw_is_refused_before_drawing(tmp_path, capsys):
+    raw = tiny_config(tmp_path, data={"num_samples": 10**12})
+    assert main(["train", str(write_config(tmp_path / "c.yaml", raw)), "--print-config"]) == 2
+    assert "  - data.num_samples: 1000000000000 synthetic samples of shape [8] (and the teacher for 3 " \
+           "classes) are 8000000000024 values, more than 1073741824 (4 GiB)" in capsys.readouterr().err
+
+
 def loop_total(schedule: BatchSchedule, steps: int) -> int:
     """What build.total_samples computed before: one batch_at call per step."""
     samples = 0
