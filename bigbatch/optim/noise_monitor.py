@@ -23,7 +23,9 @@ class NoiseScaleMonitor:
         strategy.local_grad_norm.enabled = True  # the comm hook starts summing local squared norms
 
     def __call__(self, trainer) -> dict:
-        small_sq = torch.tensor([self.strategy.local_grad_norm.take()], dtype=torch.float64)
+        # on the run's device: NCCL reduces only CUDA tensors
+        small_sq = torch.tensor([self.strategy.local_grad_norm.take()], dtype=torch.float64,
+                                device=trainer.runtime.device)
         small_sq = self.strategy.all_reduce_mean(small_sq).item()
         big_sq = trainer.last_grad_norm ** 2
         batch = trainer.current_batch
