@@ -100,11 +100,15 @@ def slurm_local_world_size(env: dict[str, str], world: int) -> int:
     return counts[node]
 
 
+_HET_COMPONENT = re.compile(r"_(HET|PACK)_GROUP_[1-9][0-9]*$")
+
+
 def refuse_heterogeneous_job(env: dict[str, str]) -> None:
     """A heterogeneous job's components have their own node and task lists; one process group over
     them is not supported, so say so rather than compute wrong ranks."""
+    # Slurm sets *_PACK_GROUP_0 / *_HET_GROUP_0 in ordinary jobs too; a second component is the sign.
     het = sorted(k for k in env if k in ("SLURM_HET_SIZE", "SLURM_PACK_SIZE")
-                 or (k.startswith("SLURM_") and ("_HET_GROUP_" in k or "_PACK_GROUP_" in k)))
+                 or (k.startswith("SLURM_") and _HET_COMPONENT.search(k)))
     if het:
         raise ValueError(f"heterogeneous Slurm job ({het[0]} is set): bigbatch runs one homogeneous "
                          "job step; submit the job without hetjob components (no ':' in sbatch/srun, "

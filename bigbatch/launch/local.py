@@ -39,7 +39,9 @@ def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
     else:
         if rdzv_endpoint is None:
             raise ValueError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1")
-        args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+        # Static: the node rank given (SLURM_NODEID in a job) is the group rank, so global ranks are
+        # node-major as the dry run's rank map says; c10d would number nodes in order of arrival.
+        args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
                  f"--rdzv-endpoint={rdzv_endpoint}"]
     return args + ["-m", "bigbatch", *bigbatch_args]
 

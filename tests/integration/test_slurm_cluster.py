@@ -6,17 +6,20 @@ the end. Jobs are tiny synthetic runs; every wait polls the job state against a 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from bigbatch.validate import validate_config
 from bigbatch.slurm.submit import submit
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.integration.slurm_cluster import metrics_rows, start_cluster
 
 # A fresh machine installs Slurm (apt-get) inside the first test's fixture: allow for it.
@@ -93,6 +96,39 @@ def test_submitit_backend_runs_the_same_job(cluster, tmp_path):
     log = finished(cluster, result)
     assert "via-submitit: 2 rank(s)" in log
     assert [r["step"] for r in metrics_rows(cfg.run_dir)] == list(range(1, 11))
+
+
+class ReportingMLP(torch.nn.Module):
+    """Each rank writes where it runs (Slurm node, local rank, global rank) at its first forward."""
+
+    def __init__(self, d_in: int, classes: int, report_dir: str):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d_in, classes))
+        self.report_dir, self.reported = report_dir, False
+
+    def forward(self, x):
+        if not self.reported:
+            self.reported = True
+            report = {k: int(os.environ[k]) for k in ("SLURM_NODEID", "LOCAL_RANK", "RANK",
+                                                      "LOCAL_WORLD_SIZE", "WORLD_SIZE")}
+            Path(self.report_dir, f"rank{report['RANK']}.json").write_text(json.dumps(report))
+        return self.net(x)
+
+
+@pytest.mark.parametrize("launch_mode", ["srun", "torchrun"])
+def test_two_nodes_of_two_ranks_know_their_place(cluster, tmp_path, launch_mode):
+    # ntasks_per_node=2 here stands for gpus_per_node=2 (no GPUs on this machine); the rank map the
+    # dry run prints is node-major: node n, local rank l is rank 2n + l.
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    model = {"name": "tests.integration.test_slurm_cluster:ReportingMLP",
+             "kwargs": {"d_in": 8, "classes": 3, "report_dir": str(reports)}}
+    cfg = job_config(tmp_path, f"shape-{launch_mode}", nodes=2, ntasks_per_node=2, launch_mode=launch_mode,
+                     max_steps=2, model=model, slurm={"env": {"PYTHONPATH": str(REPO)}})
+    log = finished(cluster, submit_job(cluster, tmp_path, cfg))
+    assert f"shape-{launch_mode}: 4 rank(s)" in log
+    found = sorted(tuple(json.loads(p.read_text()).values()) for p in reports.glob("rank*.json"))
+    assert found == [(node, local, 2 * node + local, 2, 4) for node in (0, 1) for local in (0, 1)]
 
 
 HOSTILE = "a'; echo pwned; $(touch subst) `touch tick` \"q\" %j #x"  # no backslash: see run_dir_problems

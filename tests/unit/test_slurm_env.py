@@ -46,10 +46,16 @@ def test_node_id_beyond_the_task_list_is_an_error():
         detect(slurm_env(SLURM_TASKS_PER_NODE="4(x2)", SLURM_NODEID="2"))
 
 
-@pytest.mark.parametrize("var", ["SLURM_HET_SIZE", "SLURM_JOB_NUM_NODES_HET_GROUP_0"])
+@pytest.mark.parametrize("var", ["SLURM_HET_SIZE", "SLURM_PACK_SIZE", "SLURM_JOB_NUM_NODES_HET_GROUP_1"])
 def test_heterogeneous_job_is_refused(var):
     with pytest.raises(ValueError, match=f"heterogeneous Slurm job \\({var} is set\\)"):
         detect(slurm_env(**{var: "2"}))
+
+
+def test_group_zero_variables_of_an_ordinary_job_are_fine():
+    # Slurm 22.05 sets these in every job (found on the local cluster).
+    env = slurm_env(SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0="2(x2)", SLURM_JOB_NUM_NODES_HET_GROUP_0="2")
+    assert detect(env).world_size == 8
 
 
 def test_explicit_master_address_is_kept():
