@@ -10,7 +10,7 @@ APT_TEST_PACKAGES ?= slurmctld slurmd slurm-client munge openmpi-bin
 DEV_EXTRAS ?= dev,mpi,slurm,deepspeed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev dataset system-test-deps demo test clean
+.PHONY: setup setup-dev dataset system-test-deps demo test test-fast test-unit test-e2e test-gpu clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: pyproject.toml
@@ -41,6 +41,22 @@ demo: setup dataset
 
 test: system-test-deps setup-dev dataset
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Tiers (markers from tests/conftest.py and pyproject.toml); `make test` above is what CI runs.
+# test-fast: the edit-test loop, unit and fast distributed tests (no CLI runs, no Slurm/MPI).
+FAST_TESTS := not slow and not e2e and not integration and not reliability and not gpu
+test-fast: setup-dev
+	$(BIN)/python -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
+test-unit: setup-dev
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+test-e2e: setup-dev dataset
+	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
+
+# On a CUDA machine (install a CUDA build of torch with TORCH_SPEC); without CUDA every test skips.
+test-gpu: setup-dev
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny configs that train in seconds on synthetic data."""
+"""Shared fixtures: tiny configs that train in seconds on synthetic data.
+
+Tiers: every test gets the marker of its top folder (`unit`, `distributed`, `e2e`, `integration`,
+`reliability`, `gpu`), so a new test file lands in its tier without a decorator; `slow` is per test;
+tests marked `gpu` are skipped where CUDA is not available. The Makefile's test targets select with `-m`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,31 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytest.register_assert_rewrite("tests.unit.optim_helpers")
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 REPO = Path(__file__).resolve().parents[1]
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.exists(),
                                          reason="apt-get install dataset-fashion-mnist")
+
+TIER_FOLDERS = ("unit", "distributed", "e2e", "integration", "reliability", "gpu")  # each is a marker
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    tests = Path(__file__).parent
+    cuda = None
+    for item in items:
+        folder = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else None
+        if folder in TIER_FOLDERS:
+            item.add_marker(folder)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 def tiny_config(tmp_path: Path, **sections) -> dict:

@@ -122,6 +122,7 @@ def _hook_vs_default(rank, world_size, method):
     return default, hooked, compressor.step, comm.totals()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, kind, element_size, atol", [
     ("none", "grad_allreduce", 4, 1e-6),
     ("fp16", "grad_allreduce_fp16", 2, 1e-3),  # 4 SGD steps of half-precision gradients
@@ -154,6 +155,7 @@ def _strategy_steps(rank, world_size, native):
     return {name: p.detach().clone() for name, p in model.named_parameters()}, stats, strategy.compressor.step
 
 
+@pytest.mark.slow
 def test_native_allreduce_matches_our_hook_and_counts_bytes_untimed():
     hooked, native = run_ranks(_strategy_steps, WORLD, False), run_ranks(_strategy_steps, WORLD, True)
     for (hooked_params, hooked_stats, _), (native_params, native_stats, native_steps) in zip(hooked, native):
@@ -210,6 +212,7 @@ def _torch_powersgd(rank, world_size):
     return stats, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_torch_powersgd_baseline_is_counted_analytically():
     # One bucket. torch's rule, compress iff (n + m) * r * rate < n * m, gives the same split as
     # ours for this MLP: P = 128 + 128, Q = 64 + 128, uncompressed = 64 + 64 + 192 + 3 elements.
@@ -232,6 +235,7 @@ def _bench(rank, world_size):
     return run_allreduce_bench([1024, 64 * 1024], iters=3, warmup=1)
 
 
+@pytest.mark.slow
 def test_allreduce_bench_on_gloo():
     rows = run_ranks(_bench, WORLD)
     assert rows[0] == rows[1]  # the slowest rank's time is reported everywhere

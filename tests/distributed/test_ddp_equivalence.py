@@ -22,6 +22,7 @@ def train_params(rank: int, world_size: int, raw: dict) -> dict[str, torch.Tenso
     return {k: v.detach().clone() for k, v in trainer.strategy.module.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [None, 4], ids=["no-accumulation", "accumulation"])
 def test_two_ranks_match_one_process(tmp_path, micro_batch):
     # 5 steps of global batch 16: one process uses 16 per step (or 4 micro-batches of 4); two ranks

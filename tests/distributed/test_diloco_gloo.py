@@ -63,6 +63,7 @@ def assert_states_close(got: dict, expected: dict, atol: float) -> None:
         torch.testing.assert_close(got[key], value, rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 def test_two_replicas_of_two_ranks():
     steps, inner_steps = 5, 2  # outer steps after steps 2 and 4; step 5 ends mid-cycle
     results = run_ranks(_train_ranks, 4, 2, steps, inner_steps, "none", False, timeout_s=120)
@@ -87,6 +88,7 @@ def test_two_replicas_of_two_ranks():
             assert row.get("diloco_outer_step") == (step // inner_steps if outer else None)
 
 
+@pytest.mark.slow
 def test_one_rank_per_replica_fp16_pseudo_gradients_and_buffers():
     steps, inner_steps = 4, 2
     results = run_ranks(_train_ranks, 2, 2, steps, inner_steps, "fp16", True, timeout_s=120)

@@ -326,11 +326,13 @@ def back_to_two(four_ranks, dcp_root) -> dict:
     return run_ranks(dcp_phase, 2, str(dcp_root), "from4", 5, "again2", 2, timeout_s=240)[0]
 
 
+@pytest.mark.slow
 def test_four_ranks_zero2_lars_matches_ddp(four_ranks):
     for rank_out in four_ranks:
         assert_same_params(rank_out["equivalence"]["zero2"]["params"], rank_out["equivalence"]["ddp"]["params"])
 
 
+@pytest.mark.slow
 def test_dcp_saved_on_two_ranks_loads_on_four(two_ranks, four_ranks):
     two, four = two_ranks[0]["dcp"], four_ranks[0]
     for key, value in two["saved"].items():
@@ -339,6 +341,7 @@ def test_dcp_saved_on_two_ranks_loads_on_four(two_ranks, four_ranks):
     assert_same_params(four["after"], two["after"])
 
 
+@pytest.mark.slow
 def test_dcp_saved_on_four_ranks_loads_on_two(four_ranks, back_to_two):
     four = four_ranks[0]
     for key, value in four["saved"].items():
@@ -346,6 +349,7 @@ def test_dcp_saved_on_four_ranks_loads_on_two(four_ranks, back_to_two):
     assert_same_params(back_to_two["after"], four["after"])
 
 
+@pytest.mark.slow
 def test_dcp_writes_one_file_per_rank_and_metadata(four_ranks, dcp_root):
     assert files_under(dcp_root / "from4", "dcp") == [
         "dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/__2_0.distcp", "dcp/__3_0.distcp"]

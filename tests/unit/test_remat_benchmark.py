@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_tables_and_writes_png(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "remat.py"), "--quick",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
