@@ -6,6 +6,7 @@ import time
 
 from bigbatch.build import build_trainer
 from bigbatch.config import Config
+from bigbatch.guard import Diverged
 from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.launch.runtime import Runtime
 from bigbatch.guard import Diverged
@@ -37,6 +38,8 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
             trainer.preemption.uninstall()    # launcher's TERM) instead of dying of them
     if runtime.is_main:
         summarise(cfg, trainer, result, time.perf_counter() - start)
+    if trainer.diverged:  # on every rank: exit code 3; rank 0's summary said why
+        raise Diverged(trainer.diverged)
     if trainer.stopped_early and trainer.preemption.interrupted:
         raise SystemExit(INTERRUPTED)  # Ctrl-C: 130 on every rank that saw it, after the checkpoint
     return result
@@ -45,6 +48,12 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
 
 
 def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
+    if trainer.diverged:
+        latest = trainer.checkpointer.latest(log=lambda _: None)
+        where = f"newest finite checkpoint {latest}" if latest else "no checkpoint to go back to"
+        print(f"diverged: stopped at step {trainer.counters.step}: {trainer.diverged}; {where} "
+              "(rerun with a lower optim.lr to resume from it)", flush=True)
+        return
     if trainer.stopped_early and trainer.preemption.interrupted:
         print(f"interrupted (Ctrl-C): checkpoint at step {trainer.counters.step} saved; rerun the "
               "same command to resume", flush=True)

@@ -1,9 +1,13 @@
-"""Helpers for tests that run several gloo ranks on one machine.
+"""Public helpers for tests and benchmarks that run several gloo ranks on one machine.
+
+bigbatch's own tests, `benchmarks/` and users' tests of their own components use them (the README's
+Tests section documents them), so they ship with the package instead of living under `tests/`.
 
 `run_ranks(fn, world_size, *args)` starts `world_size` fresh processes, gives each an initialised gloo
 process group on 127.0.0.1 and returns what `fn(rank, world_size, *args)` returned on every rank, in
 rank order. A rank that raises, dies or outlives `timeout_s` fails the whole call with that rank's
-traceback, so a broken collective never hangs the test suite.
+traceback, so a broken collective never hangs the test suite. `free_port()` picks the free TCP port on
+127.0.0.1 that `run_ranks` meets on (benchmarks/diloco.py uses it for its own launches).
 """
 
 from __future__ import annotations
