@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,6 +58,11 @@ def distributed_runtime(cfg: DistributedConfig) -> Iterator[Runtime]:
     set_cpu_threads(info)
     device = torch.device("cpu")
     if backend == "nccl":
+        if info.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {info.local_rank} has no GPU: this node shows "
+                             f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per "
+                             "GPU (slurm.gpus_per_node, --nproc-per-node) and do not bind GPUs per task")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if info.world_size > 1:

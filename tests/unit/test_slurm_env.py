@@ -90,3 +90,20 @@ def test_thread_share_ignores_the_launchers_omp_num_threads_but_not_the_users(mo
         torch.set_num_threads(saved)
     with pytest.raises(ValueError, match="OMP_NUM_THREADS='many'"):
         user_threads({"OMP_NUM_THREADS": "many"})
+
+
+def test_a_local_rank_without_its_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    from bigbatch.config import DistributedConfig
+    from bigbatch.launch.runtime import distributed_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("bigbatch.launch.runtime.set_cpu_threads", lambda info: None)
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+                       "CUDA_VISIBLE_DEVICES": "0,1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=r"local rank 3 has no GPU: this node shows 2 \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        with distributed_runtime(DistributedConfig(backend="nccl")):
+            pass
