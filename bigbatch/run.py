@@ -9,7 +9,6 @@ from bigbatch.config import Config
 from bigbatch.guard import Diverged
 from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.launch.runtime import Runtime
-from bigbatch.guard import Diverged
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
 
@@ -43,8 +42,6 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
     if trainer.stopped_early and trainer.preemption.interrupted:
         raise SystemExit(INTERRUPTED)  # Ctrl-C: 130 on every rank that saw it, after the checkpoint
     return result
-    if trainer.diverged:  # on every rank: exit code 3; rank 0's summary said why
-        raise Diverged(trainer.diverged)
 
 
 def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
@@ -57,12 +54,6 @@ def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
     if trainer.stopped_early and trainer.preemption.interrupted:
         print(f"interrupted (Ctrl-C): checkpoint at step {trainer.counters.step} saved; rerun the "
               "same command to resume", flush=True)
-    if trainer.diverged:
-        latest = trainer.checkpointer.latest(log=lambda _: None)
-        where = f"newest finite checkpoint {latest}" if latest else "no checkpoint to go back to"
-        print(f"diverged: stopped at step {trainer.counters.step}: {trainer.diverged}; {where} "
-              "(rerun with a lower optim.lr to resume from it)", flush=True)
-        return
         return
     if trainer.stopped_early:
         requeued = "; job requeued" if trainer.preemption.requeued else ""
