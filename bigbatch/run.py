@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from bigbatch.build import build_trainer
+from bigbatch.checkpoint.rundir import open_run
 from bigbatch.config import Config
 from bigbatch.guard import Diverged
 from bigbatch.exit_codes import INTERRUPTED
@@ -14,7 +15,9 @@ from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, tim
 
 def run_training(cfg: Config, runtime: Runtime) -> dict:
     trainer = build_trainer(cfg, runtime)  # may raise ValueError before anything is written
-    trainer.checkpointer.resume()  # an invalid explicit checkpoint.resume path raises here too
+    # Rank 0 locks the run dir and applies run.if_exists; the checkpoint's config is compared with this
+    # one before loading. Bad input (a used or locked dir, a changed config) raises RunDirError here.
+    open_run(cfg, runtime, trainer.checkpointer)
     if runtime.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from bigbatch.checkpoint.rundir import run_name_problems
 from bigbatch.config import Config, ConfigError, parse_config, read_raw_config
 from bigbatch.data.rules import data_problems
 from bigbatch.distributed.rules import parallel_problems, parallel_world_problems
@@ -23,6 +24,7 @@ from bigbatch.slurm.render import sbatch_option_problems
 def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     """Every rule; those that depend on the number of ranks only when `world_size` is given."""
     problems = _run_problems(cfg) + data_problems(cfg.data) + model_problems(cfg.model)
+    problems += run_name_problems(cfg.run)
     problems += optim_problems(cfg) + parallel_problems(cfg) + sbatch_option_problems(cfg.slurm)
     if world_size is not None:
         problems += world_problems(cfg, world_size)

@@ -35,6 +35,7 @@ class CheckpointManager:
         self.meta_extra, self.config_text, self.log = meta_extra, config_text, log
         self.last_saved_step: int | None = None
         self.before_save: list[Callable[[], None]] = []
+        self.before_load: Callable[[Path], None] | None = None  # e.g. the config check of a resume
         self._last_save_time = time.monotonic()
 
     def _barrier(self) -> None:
@@ -60,7 +61,7 @@ class CheckpointManager:
                                meta_extra=self.meta_extra, files_extra={"config.yaml": self.config_text},
                                barrier=self._barrier, sharded=self.sharded, finite_keys=FINITE_KEYS)
         if self.runtime.is_main:
-            prune_checkpoints(self.root, self.cfg.keep_last)
+            prune_checkpoints(self.root, self.cfg.keep_last, run_id=self.meta_extra.get("run_id"))
         self._barrier()
         self.last_saved_step, self._last_save_time = step, time.monotonic()
         return path
@@ -70,6 +71,8 @@ class CheckpointManager:
         log = self.log if self.runtime.is_main else None
         path, tried = resolve_resume(self.root, self.cfg.resume, log=log), []
         while path is not None:
+            if self.before_load is not None:
+                self.before_load(path)
             try:
                 meta = self.load(path)
                 break

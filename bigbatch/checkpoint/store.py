@@ -462,17 +462,19 @@ def _torch_load(path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------- pruning
 
-def prune_checkpoints(root: Path | str, keep_last: int) -> list[Path]:
+def prune_checkpoints(root: Path | str, keep_last: int, run_id: str | None = None) -> list[Path]:
     """Rank 0, between saves: keep the newest `keep_last` valid checkpoints (<= 0 keeps all), delete
     older valid ones, invalid ones not newer than the newest valid one, and leftovers of killed saves.
     Never deletes the newest valid checkpoint, the newest valid one with finite weights (meta.json),
-    nor an invalid one newer than the newest valid (kept for inspection). Returns the deleted
-    directories."""
+    nor an invalid one newer than the newest valid (kept for inspection).
+    With `run_id`, only step dirs whose meta.json names that run count and may go: another run's, or
+    one without a readable meta.json, is never deleted. Returns the deleted directories."""
     root = Path(root)
     if not root.is_dir():
         return []
     removed = _remove_stale(root, (_TMP_PREFIX, _TRASH_PREFIX))
-    candidates = [(step, path, validate_checkpoint(path) is None) for step, path in _candidates(root)]
+    candidates = [(step, path, validate_checkpoint(path) is None) for step, path in _candidates(root)
+                  if run_id is None or _read_meta(path)[0].get("run_id") == run_id]
     valid = [(step, path) for step, path, ok in candidates if ok]
     if not valid:
         return removed

@@ -32,7 +32,9 @@ def test_usr1_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "preempted: checkpoint at step 6 saved" in first.stdout
     assert (tmp_path / "runs" / "run" / "checkpoints" / "step-00000006" / "meta.json").is_file()
-    second = subprocess.run(cmd + [config("run", 0)], capture_output=True, text=True, timeout=240, env=env)
+    # model.kwargs.signal_at (the test's signal switch) differs from the preempted run's: opt in.
+    second = subprocess.run(cmd + [config("run", 0), "--set", "checkpoint.allow_config_change=true"],
+                            capture_output=True, text=True, timeout=240, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     reference = subprocess.run(cmd + [config("reference", 0)], capture_output=True, text=True,
                                timeout=240, env=env)

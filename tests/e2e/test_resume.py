@@ -28,7 +28,9 @@ def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1, extra
                       optim={"name": "adamw", "lr": 0.01}, lr={"name": "cosine", "warmup_samples": 32},
                       checkpoint={"every_steps": EVERY, "keep_last": 2}, **(extra or {}))
     config = write_config(tmp_path / f"{name}.yaml", raw)
-    return bigbatch("launch", "--nproc-per-node", "2", str(config), "--set", "distributed.timeout_s=60")
+    # The kill switch (model.kwargs.die_at) differs between a killed run and its resume: opt in.
+    return bigbatch("launch", "--nproc-per-node", "2", str(config), "--set", "distributed.timeout_s=60",
+                    "--set", "checkpoint.allow_config_change=true")
 
 
 BATCHES = {
