@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from torch import nn
 from bigbatch import exit_codes
 from bigbatch.cli import main
 from tests.conftest import tiny_config, write_config
+from tests.e2e.test_cli_launch import bigbatch
 
 pytestmark = pytest.mark.e2e
 
@@ -36,14 +38,17 @@ class _InfGrad(torch.autograd.Function):
 
 
 class BadFromMLP(nn.Module):
-    """An MLP that goes bad from its `bad_from`-th training forward on: `corrupt` overwrites a weight
-    with NaN once (silent state corruption), `inf_grad` makes every backward infinite."""
+    """An MLP that goes bad from its `bad_from`-th training forward on (on global rank `rank` only,
+    when given): `corrupt` overwrites a weight with NaN once (silent state corruption), `inf_grad`
+    makes every backward infinite."""
 
-    def __init__(self, d_in: int, classes: int, bad_from: int, mode: str):
+    def __init__(self, d_in: int, classes: int, bad_from: int, mode: str, rank: int | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                                  nn.Linear(64, classes))
         self.bad_from, self.mode, self.calls = bad_from, mode, 0
+        if rank is not None and int(os.environ.get("RANK", 0)) != rank:
+            self.mode = "good"
 
     def forward(self, x):
         if self.training:
@@ -65,9 +70,9 @@ def config(tmp_path: Path, model: dict | None = None, **sections) -> Path:
     return write_config(tmp_path / "c.yaml", raw)
 
 
-def bad_model(bad_from: int, mode: str) -> dict:
+def bad_model(bad_from: int, mode: str, **kwargs) -> dict:
     return {"name": "tests.reliability.test_divergence:BadFromMLP",
-            "kwargs": {"d_in": 8, "classes": 3, "bad_from": bad_from, "mode": mode}}
+            "kwargs": {"d_in": 8, "classes": 3, "bad_from": bad_from, "mode": mode, **kwargs}}
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -143,3 +148,19 @@ def test_nan_error_stops_at_the_first_non_finite_step_with_exit_3(tmp_path, caps
     cfg = config(tmp_path, model=bad_model(bad_from=3, mode="corrupt"), guard={"nan": "error"})
     assert main(["train", str(cfg)]) == exit_codes.DIVERGED
     assert "diverged: stopped at step 2: non-finite loss nan at step 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "diloco"])
+def test_ranks_agree_on_divergence(tmp_path, strategy):
+    """Only rank 1's gradients are infinite: under DDP the all-reduced norm is infinite everywhere;
+    DiLoCo replicas keep their own gradients, so the ranks agree on the verdict (else rank 0 would
+    train on and wait for rank 1 at the next collective)."""
+    extra = {"distributed": {"strategy": "diloco", "timeout_s": 60},
+             "diloco": {"replicas": 2, "inner_steps": 4}} if strategy == "diloco" else {}
+    cfg = config(tmp_path, model=bad_model(bad_from=3, mode="inf_grad", rank=1),
+                 guard={"max_consecutive_skips": 3}, **extra)
+    result = bigbatch("launch", "--nproc-per-node", "2", str(cfg))
+    assert result.returncode == exit_codes.DIVERGED, result.stderr[-3000:]
+    [summary] = [line for line in result.stdout.splitlines() if line.startswith("diverged:")]
+    assert "stopped at step 5: 3 steps in a row" in summary
+    assert [r["step"] for r in train_rows(tmp_path / "runs" / "tiny")] == [1, 2, 3, 4, 5]
