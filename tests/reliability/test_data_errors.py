@@ -49,6 +49,14 @@ def test_token_ids_outside_the_vocabulary_stop_the_rank_with_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_under_launch_each_rank_reports_the_data_error_in_one_line_without_a_traceback(tmp_path):
+    config = tokens_config(tmp_path, token_file(tmp_path, bad_at=3000))
+    result = bigbatch("launch", "--nproc-per-node", "2", str(config), timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr + result.stdout
+    lines = [ln for ln in (result.stderr + result.stdout).splitlines() if "token id 77 at index 3000" in ln]
+    assert 1 <= len(lines) <= 2 and all(ln.startswith("bigbatch: error: data.path: ") for ln in lines)
+
+
 def test_the_vocabulary_check_reads_the_memmap_in_chunks(tmp_path, monkeypatch):
     reads = []
     monkeypatch.setattr(text, "TOKEN_CHUNK", 1024)
