@@ -7,8 +7,8 @@ import time
 from bigbatch.build import build_trainer
 from bigbatch.checkpoint.rundir import open_run
 from bigbatch.config import Config
-from bigbatch.guard import Diverged
 from bigbatch.exit_codes import INTERRUPTED
+from bigbatch.guard import Diverged
 from bigbatch.launch.runtime import Runtime
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 

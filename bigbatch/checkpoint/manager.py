@@ -80,7 +80,8 @@ class CheckpointManager:
                 if self.cfg.resume != "auto":  # an explicit path: exit 2 with the reason
                     raise
                 tried.append(path)
-                (log or (lambda _: None))(f"skipping checkpoint {path}: invalid ({err}), trying the previous one")
+                if log is not None:
+                    log(f"skipping checkpoint {path}: invalid ({err}), trying the previous one")
                 path = find_latest_valid(self.root, log, exclude=tried)
         if path is None:
             return None

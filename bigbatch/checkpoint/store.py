@@ -112,9 +112,9 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
             raise
         if rank == 0:
             _discard_unfinished(final)
-        raise StorageError(f"cannot write checkpoint {final}: {describe_os_error(failure)}; removed the unfinished "
-                           "checkpoint, older ones are intact (free space and rerun the same command to "
-                           "resume)") from err
+        raise StorageError(f"cannot write checkpoint {final}: {describe_os_error(failure)}; removed the "
+                           "unfinished checkpoint, older ones are intact (free space and rerun the same "
+                           "command to resume)") from err
 
 
 def _save(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful],
@@ -454,9 +454,11 @@ def _torch_load(path: Path) -> dict:
         states = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InvalidCheckpoint(f"cannot load {path}: torch.load(weights_only=True) refused it: {first}") from None
+        raise InvalidCheckpoint(f"cannot load {path}: torch.load(weights_only=True) refused it: "
+                                f"{first}") from None
     if not isinstance(states, dict):
-        raise InvalidCheckpoint(f"cannot load {path}: it holds a {type(states).__name__}, not a dict of states")
+        raise InvalidCheckpoint(f"cannot load {path}: it holds a {type(states).__name__}, "
+                                "not a dict of states")
     return states
 
 

@@ -66,7 +66,8 @@ def config(tmp_path: Path, model: dict | None = None, **sections) -> Path:
     defaults = {"run": {"max_steps": 20}, "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                 "checkpoint": {"every_steps": 5, "keep_last": 2}}
     raw = tiny_config(tmp_path, model=model or {"name": "mlp", "hidden": [64, 64]},
-                      **{key: {**defaults.get(key, {}), **sections.get(key, {})} for key in {*defaults, *sections}})
+                      **{key: {**defaults.get(key, {}), **sections.get(key, {})}
+                         for key in {*defaults, *sections}})
     return write_config(tmp_path / "c.yaml", raw)
 
 
