@@ -34,6 +34,7 @@ RUN_FILE, LOCK_FILE, METRICS_FILE = "run.json", ".lock", "metrics.jsonl"
 MAY_CHANGE = ("run.name", "run.out_dir", "run.if_exists", "run.max_steps", "run.max_samples", "run.epochs",
               "eval", "metrics", "checkpoint", "slurm", "distributed.timeout_s", "remat.measure_every_steps")
 _UNSET = "(unset)"
+_NOT_SHOWN = ("checkpoint.resume", "checkpoint.allow_config_change")  # how to resume, not what
 
 
 class RunDirError(ValueError):
@@ -293,16 +294,16 @@ def resume_config_check(checkpoint: Path, current: dict, defaults: dict, allow: 
         log(f"warning: {checkpoint} holds no config.yaml; resuming without comparing configs")
         return []
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    changes = config_changes(saved, current, defaults)
+    changes = [c for c in config_changes(saved, current, defaults) if c[0] not in _NOT_SHOWN]
     harmless = [c for c in changes if may_change(c[0])]
     others = [c for c in changes if not may_change(c[0])]
-    if harmless:
-        log(f"config changes since {checkpoint.name}: {format_changes(harmless)}")
     if others and not allow:
         raise RunDirError(f"checkpoint.resume: {checkpoint} was saved with another config: "
                           f"{format_changes(others)}; restore those values to resume, start a new run "
                           "(another run.name, or run.if_exists: archive), or set "
                           "checkpoint.allow_config_change: true to load it anyway")
+    if harmless:
+        log(f"config changes since {checkpoint.name}: {format_changes(harmless)}")
     if others:
         log(f"checkpoint.allow_config_change: loading {checkpoint} despite {format_changes(others)}")
     return others
