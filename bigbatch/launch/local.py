@@ -23,11 +23,14 @@ from torch.distributed import run as torch_run
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from bigbatch.exit_codes import FAILED, INTERRUPTED, OK
+from bigbatch.exit_codes import BAD_INPUT, DIVERGED, FAILED, INTERRUPTED, OK
 from bigbatch.launch.env import OMP_FROM_USER, cpu_share
 from bigbatch.launch.failure import LAUNCHED, traceback_path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Exit codes whose rank printed its own one-line reason (bigbatch.exit_codes).
+NO_RECORD = {BAD_INPUT: "bad input (the rank's message is above)",
+             DIVERGED: "training diverged (rank 0's summary is above)"}
 
 
 def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
@@ -183,7 +186,7 @@ def _exit_text(exitcode: int) -> str:
 
 def _error_text(failure) -> str:
     data = failure.error_file_data.get("message")
-    if not isinstance(data, dict):  # no error file: killed, or exited before bigbatch could record
-        return "no error recorded (see the rank's output above)"
+    if not isinstance(data, dict):  # no error file: killed, or a failure bigbatch reported itself
+        return NO_RECORD.get(failure.exitcode, "no error recorded (see the rank's output above)")
     where = traceback_path(failure.error_file)
     return f"{data.get('message')} (traceback: {where})" if where.exists() else str(data.get("message"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.exit_codes import FAILED, INTERRUPTED, OK
+from bigbatch.exit_codes import DIVERGED, FAILED, INTERRUPTED, OK
 from bigbatch.launch.local import failure_exit_code
 from tests.conftest import REPO, tiny_config, write_config
 
@@ -175,3 +175,7 @@ def test_first_failure_is_the_earliest_recorded_and_its_exit_code_is_kept(capsys
     killed = {2: Failure(-signal.SIGKILL, timestamp=1)}
     assert failure_exit_code(killed, [signal.SIGTERM]) == FAILED
     assert "rank 2 failed (killed by SIGKILL): no error recorded" in capsys.readouterr().out
+    diverged = {0: Failure(DIVERGED), 1: Failure(DIVERGED)}
+    assert failure_exit_code(diverged, []) == DIVERGED
+    assert capsys.readouterr().out == ("bigbatch launch: rank 0 failed (exit code 3): training diverged "
+                                       "(rank 0's summary is above)\n")
