@@ -333,6 +333,15 @@ def shape_problems(checkpoint: Path, model: Any) -> list[str]:
 def open_run(cfg: Any, runtime: Any, checkpointer: Any) -> dict | None:
     """Before training: rank 0 claims the run directory, every rank checks and resumes, rank 0
     records the start. Returns the resumed checkpoint's meta (None: fresh start)."""
+    try:
+        return _open_run(cfg, runtime, checkpointer)
+    except RunDirError:
+        if runtime.is_main:
+            raise
+        raise SystemExit(2) from None  # every rank reached the same verdict: rank 0 prints it once
+
+
+def _open_run(cfg: Any, runtime: Any, checkpointer: Any) -> dict | None:
     log = checkpointer.log
     claim, error = None, None
     if runtime.is_main:

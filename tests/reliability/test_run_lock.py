@@ -36,7 +36,8 @@ def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float 
     pytest.fail(f"{path} did not show {text!r} within {timeout} s")
 
 
-def test_second_run_in_a_locked_dir_exits_2_naming_the_holder(tmp_path):
+@pytest.mark.parametrize("second_cmd", [["train"], ["launch", "--nproc-per-node", "2"]], ids=["train", "launch"])
+def test_second_run_in_a_locked_dir_exits_2_naming_the_holder(tmp_path, second_cmd):
     raw = tiny_config(tmp_path, run={"max_steps": None, "max_samples": 10**9},
                       checkpoint={"every_steps": 5, "keep_last": 2})
     config = str(write_config(tmp_path / "c.yaml", raw))
@@ -44,12 +45,12 @@ def test_second_run_in_a_locked_dir_exits_2_naming_the_holder(tmp_path):
     first = start("train", config)
     try:
         wait_for_text(lock, f"pid {first.pid} ", first)
-        second = bigbatch("train", config)
+        second = bigbatch(*second_cmd, config)  # under launch both ranks stop, rank 0 says why
         assert second.returncode == 2, second.stderr[-3000:]
         assert "Traceback" not in second.stderr
-        message = second.stderr.strip()
-        assert "\n" not in message and "in use by another run" in message
-        assert f"host {socket.gethostname()} pid {first.pid} started " in message
+        messages = [line for line in second.stderr.splitlines() if "in use by another run" in line]
+        assert len(messages) == 1, second.stderr
+        assert f"host {socket.gethostname()} pid {first.pid} started " in messages[0]
         assert first.poll() is None  # the holder goes on undisturbed
     finally:
         first.send_signal(signal.SIGKILL)
