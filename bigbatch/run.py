@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from bigbatch.build import build_trainer
-from bigbatch.checkpoint.rundir import open_run
+from bigbatch.checkpoint.rundir import open_run, release_run_dir
 from bigbatch.config import Config
 from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.guard import Diverged
@@ -36,6 +36,7 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
     finally:
         trainer.progress.close()
         trainer.metrics.close()
+        release_run_dir(cfg.run_dir)  # rank 0's lock; a dead process loses it anyway
         if not trainer.preemption.requested:  # a stopping rank keeps noting late signals (the
             trainer.preemption.uninstall()    # launcher's TERM) instead of dying of them
     if runtime.is_main:

@@ -100,6 +100,13 @@ class RunDirLock:
             _HELD.pop(str(self.path.resolve()), None)
 
 
+def release_run_dir(run_dir: Path) -> None:
+    """Drop this process's lock on run_dir, if it holds one (the run ended; death drops it too)."""
+    held = _HELD.get(str((Path(run_dir) / LOCK_FILE).resolve()))
+    if held is not None:
+        held.release()
+
+
 def lock_holder(path: Path) -> str:
     try:
         return Path(path).read_text().strip() or "holder not yet written"

@@ -82,3 +82,15 @@ def test_lock_is_exclusive_between_processes_and_released_on_exit(tmp_path):
     mine = RunDirLock(tmp_path).acquire(print)
     assert mine.fd is not None and f"pid {os.getpid()} " in (tmp_path / LOCK_FILE).read_text()
     mine.release()
+
+
+def test_lock_is_released_when_an_in_process_run_returns(tmp_path):
+    from bigbatch.cli import main
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path))
+    assert main(["train", str(config)]) == 0
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from bigbatch.checkpoint.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1]).acquire(print); print('locked')", str(tmp_path / "runs" / "tiny")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert probe.returncode == 0 and probe.stdout.strip() == "locked", probe.stderr[-3000:]
