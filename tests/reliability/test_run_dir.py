@@ -150,3 +150,24 @@ def test_run_name_outside_out_dir_exits_2_writing_nothing(tmp_path, name):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "run.name" in result.stderr
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+def test_archive_spares_a_requeue_of_the_same_slurm_job(tmp_path, monkeypatch):
+    from bigbatch.checkpoint.rundir import claim_run_dir
+
+    run_dir = tmp_path / "runs" / "tiny"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    first = claim_run_dir(run_dir, "archive", "auto", print)
+    first.started("hash")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    first.lock.release()
+    requeued = claim_run_dir(run_dir, "archive", "auto", print)  # Slurm requeued the same job
+    assert requeued.run_id == first.run_id and not list(run_dir.parent.glob("tiny.archived-*"))
+    requeued.lock.release()
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # a new job with the same run.name
+    fresh = claim_run_dir(run_dir, "archive", "auto", print)
+    fresh.lock.release()
+    archived = list(run_dir.parent.glob("tiny.archived-*"))
+    assert fresh.run_id != first.run_id and len(archived) == 1
+    assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
