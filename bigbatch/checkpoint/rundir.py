@@ -68,36 +68,57 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.fd: int | None = None
+        self.key: str | None = None
 
     def acquire(self, log: Callable[[str], None]) -> "RunDirLock":
-        held = _HELD.get(str(self.path.resolve()))
+        key = str(self.path.resolve())
+        held = _HELD.get(key)
         if held is not None and held.fd is not None:
             return held
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EACCES, errno.EAGAIN):
-                raise RunDirError(f"run.name: {self.path.parent} is in use by another run "
-                                  f"({lock_holder(self.path)}); wait for it to end, or choose another "
-                                  "run.name") from None
-            log(f"warning: cannot lock {self.path} ({os.strerror(err.errno)}): this file system has no "
-                "POSIX locks (Lustre: mount with -o flock); running without the run-directory lock")
+        fd = self._locked_fd(log)
+        if fd is None:
             return self
         os.ftruncate(fd, 0)
         os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} started "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
         os.fsync(fd)
-        self.fd = fd
-        _HELD[str(self.path.resolve())] = self
+        self.fd, self.key = fd, key
+        _HELD[key] = self
         return self
+
+    def _locked_fd(self, log: Callable[[str], None]) -> int | None:
+        """An fd locking the file now at self.path; None where the file system has no locks."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EACCES, errno.EAGAIN):
+                    raise RunDirError(f"run.name: {self.path.parent} is in use by another run "
+                                      f"({lock_holder(self.path)}); wait for it to end, or choose another "
+                                      "run.name") from None
+                log(f"warning: cannot lock {self.path} ({os.strerror(err.errno)}): this file system has "
+                    "no POSIX locks (Lustre: mount with -o flock); running without the run-directory lock")
+                return None
+            if _same_file(fd, self.path):
+                return fd
+            os.close(fd)  # the directory was archived between open and lock: lock the new file
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-            _HELD.pop(str(self.path.resolve()), None)
+            if _HELD.get(self.key) is self:
+                del _HELD[self.key]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def release_run_dir(run_dir: Path) -> None:
@@ -255,6 +276,7 @@ def archive_run_dir(run_dir: Path, lock: RunDirLock, log: Callable[[str], None])
     """Rename run_dir to a dated sibling (its lock goes with it), then lock a fresh run_dir."""
     target = archive_path(run_dir)
     os.rename(run_dir, target)
+    _HELD.pop(lock.key, None)  # the held lock file moved with the directory; held until the new one is
     log(f"run.if_exists: archive: moved the earlier run in {run_dir} to {target}")
     run_dir.mkdir()
     try:

@@ -8,6 +8,9 @@ says what to do instead), pruning deletes only this run's checkpoints, and `run.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from bigbatch.checkpoint.rundir import RUN_FILE, run_name_problems
 from bigbatch.checkpoint.store import prune_checkpoints
 from bigbatch.config import RunConfig
-from tests.conftest import tiny_config, write_config
+from tests.conftest import REPO, tiny_config, write_config
 from tests.e2e.test_cli_launch import bigbatch
 from tests.unit.test_checkpoint_store import save_states
 
@@ -167,6 +170,11 @@ def test_archive_spares_a_requeue_of_the_same_slurm_job(tmp_path, monkeypatch):
     requeued.lock.release()
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # a new job with the same run.name
     fresh = claim_run_dir(run_dir, "archive", "auto", print)
+    probe = subprocess.run(  # the fresh directory is locked, not only the archived one
+        [sys.executable, "-c", "import sys; from bigbatch.checkpoint.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1]).acquire(print)", str(run_dir)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert probe.returncode != 0 and "in use by another run" in probe.stderr
     fresh.lock.release()
     archived = list(run_dir.parent.glob("tiny.archived-*"))
     assert fresh.run_id != first.run_id and len(archived) == 1
