@@ -179,3 +179,16 @@ def test_archive_spares_a_requeue_of_the_same_slurm_job(tmp_path, monkeypatch):
     archived = list(run_dir.parent.glob("tiny.archived-*"))
     assert fresh.run_id != first.run_id and len(archived) == 1
     assert (archived[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_metrics_of_an_unknown_earlier_run_are_not_dropped(tmp_path):
+    # A run dir from before run ids (no run.json) with rows but no checkpoint: nothing to resume, and
+    # starting over would drop or duplicate someone's rows.
+    cfg = config(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    result = bigbatch("train", str(cfg))
+    assert_one_line_exit_2(result, "no run.json", "run.if_exists: archive")
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "metrics.jsonl"]
