@@ -113,15 +113,15 @@ def build_guard(cfg: GuardConfig):
 
 
 def wire_states(strategy: Strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
-    """What the checkpoint holds once (replicated) and per rank, and the after-step metrics hooks.
+    """What the checkpoint holds once (replicated) and per rank, and the after-step metrics hooks
+    (the loop runs the strategy's own `after_step`, DiLoCo's outer step, before them).
 
     The strategy says what its model and optimizer entries are (`checkpoint_states`: zero1's optimizer
     is gathered on rank 0 before a save; zero2/zero3/deepspeed save both through their
     `sharded_checkpoint` instead) and what each rank keeps (`rank_states`)."""
     replicated = {**strategy.checkpoint_states(optimizer), **more, **({"noise_scale": noise} if noise else {})}
     per_rank = {"rng": RNGState(), **strategy.rank_states(model, optimizer)}
-    # the outer step (DiLoCo) runs first: its bytes belong to this step's row
-    after_step = [strategy.after_step, strategy.comm_metrics] + ([noise] if noise else [])
+    after_step = [strategy.comm_metrics] + ([noise] if noise else [])
     return replicated, per_rank, after_step
 
 

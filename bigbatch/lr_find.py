@@ -46,14 +46,15 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     trainer.lr_at = SweepLR(lrs, trainer.counters)
     losses: list[float] = []
 
-    def record(t) -> dict:  # after each step: keep the loss, stop the sweep once it diverged
-        loss = t.last_loss
-        if is_diverged(loss, min(losses, default=math.inf)):
-            t.max_steps = t.counters.step
-        losses.append(loss)
+    def record(t) -> dict:  # a metrics hook: keep each step's loss
+        losses.append(t.last_loss)
         return {}
 
+    def diverged(t) -> bool:  # the sweep ends at the first loss that diverged from the best so far
+        return bool(losses) and is_diverged(losses[-1], min(losses[:-1], default=math.inf))
+
     trainer.after_step.append(record)
+    trainer.should_stop = diverged
     trainer.fit()
     trainer.progress.close()
     tried = lrs[:len(losses)]

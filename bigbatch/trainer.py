@@ -6,16 +6,22 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import torch
 
 from bigbatch.activation_memory import SavedTensorMeter
+from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters
-from bigbatch.config import split_batch
+from bigbatch.config import EvalConfig, split_batch
+from bigbatch.data.base import DataBundle
+from bigbatch.data.sampler import GlobalSampler
+from bigbatch.distributed.strategy import Strategy
 from bigbatch.evaluate import evaluate, task_loss
-from bigbatch.distributed.diloco import DiLoCoStrategy
-from bigbatch.guard import Diverged, GuardAction, NullGuard
+from bigbatch.guard import Diverged, GuardAction, NonFiniteSkips, NullGuard
+from bigbatch.launch.runtime import Runtime
+from bigbatch.metrics import MetricsWriter, Progress
+from bigbatch.slurm.preemption import PreemptionHandler
 
 
 class NoPreemption:
@@ -29,32 +35,41 @@ class NoPreemption:
         pass
 
 
+class LRAt(Protocol):
+    """(samples seen, global batch) -> LR; `peak(batch)` is the scaled peak (bigbatch.build.LRPolicy)."""
+
+    def __call__(self, samples: int, global_batch: int) -> float: ...
+
+    def peak(self, global_batch: int) -> float: ...
+
+
 @dataclass
 class Trainer:
-    runtime: Any              # bigbatch.launch.runtime.Runtime
-    strategy: Any             # SingleProcess | DDPStrategy | ...: owns the (wrapped) model and sync
+    runtime: Runtime
+    strategy: Strategy           # owns the (wrapped) model and gradient sync
     optimizer: torch.optim.Optimizer
-    data: Any                 # DataBundle
-    sampler: Any              # GlobalSampler
+    data: DataBundle
+    sampler: GlobalSampler
     batch_at: Callable[[int], int]          # samples seen -> global batch
-    lr_at: Any                # LRPolicy: (samples seen, global batch) -> LR, .peak(batch)
+    lr_at: LRAt
     micro_batch: int | None
     total_samples: int
     max_steps: int | None
-    metrics: Any              # MetricsWriter
-    progress: Any             # Progress
-    eval_cfg: Any             # EvalConfig
-    checkpointer: Any         # CheckpointManager
+    metrics: MetricsWriter
+    progress: Progress
+    eval_cfg: EvalConfig
+    checkpointer: CheckpointManager
     grad_clip: float | None = None
     precision: str = "fp32"
-    guard: Any = field(default_factory=NullGuard)
-    preemption: Any = field(default_factory=NoPreemption)
-    after_step: list[Callable[["Trainer"], dict]] = field(default_factory=list)  # extra metrics
+    guard: NonFiniteSkips = field(default_factory=NullGuard)   # NullGuard or SpikeGuard
+    preemption: PreemptionHandler | NoPreemption = field(default_factory=NoPreemption)
+    after_step: list[Callable[["Trainer"], dict]] = field(default_factory=list)  # metrics hooks: report only
+    should_stop: Callable[["Trainer"], bool] | None = None   # ends training early (lr-find's divergence)
     counters: Counters = field(default_factory=Counters)
     last_eval: dict = field(default_factory=dict)
     stopped_early: bool = False
     activation_every: int | None = None   # log saved-activation bytes every N steps
-    _meter: Any = None
+    _meter: SavedTensorMeter | None = None
     current_batch: int | None = None
     last_loss: float = math.nan
     last_grad_norm: float = math.nan
@@ -107,8 +122,11 @@ class Trainer:
             self.last_grad_norm = grad_norm
             self.counters.step += 1
             self.counters.samples += batch
+            # every step, taken or skipped: DiLoCo counts it and runs its outer step when due
+            outer = self.strategy.after_step()
             step_time, timer = time.perf_counter() - timer, time.perf_counter()
-            row = self.log_step(loss, lr, batch, grad_norm, step_time, skipped=action is not GuardAction.OK)
+            row = self.log_step(loss, lr, batch, grad_norm, step_time, skipped=action is not GuardAction.OK,
+                                extra=outer)
             self.guard.raise_if_diverged(self.counters.step)
             self.maybe_evaluate(final=False)
             self.checkpointer.maybe_save(self.counters.step, self.counters.samples, time_due=time_due)
@@ -150,7 +168,7 @@ class Trainer:
     def agreed_norm(self, grad_norm: float) -> float:
         """DiLoCo replicas hold different gradients: one rank's non-finite norm counts as non-finite on
         every rank, so all take the same decision. Other strategies' norms are global already."""
-        if self.runtime.world_size == 1 or not isinstance(self.strategy, DiLoCoStrategy):
+        if self.runtime.world_size == 1 or self.strategy.global_grad_norm:
             return grad_norm
         flag = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0], device=self.runtime.device)
         return grad_norm if self.strategy.all_reduce_max(flag).item() == 0 else math.inf
@@ -213,6 +231,8 @@ class Trainer:
     def finished(self) -> bool:
         if self.max_steps is not None and self.counters.step >= self.max_steps:
             return True
+        if self.should_stop is not None and self.should_stop(self):
+            return True
         return self.counters.samples >= self.total_samples
 
     def set_lr(self, lr: float) -> float:
@@ -225,7 +245,7 @@ class Trainer:
                               enabled=self.precision == "bf16")
 
     def log_step(self, loss: float, lr: float, batch: int, grad_norm: float, step_time: float,
-                 skipped: bool) -> dict:
+                 skipped: bool, extra: dict | None = None) -> dict:
         row = {"step": self.counters.step, "samples": self.counters.samples,
                "epoch": self.counters.samples / len(self.data.train), "loss": loss, "lr": lr,
                "global_batch": batch, "grad_norm": grad_norm, "step_time_s": step_time,
@@ -234,6 +254,7 @@ class Trainer:
             row["skipped"] = True
         if self._meter is not None:
             row["activation_bytes"], self._meter = self._meter.bytes, None
+        row.update(extra or {})
         for hook in self.after_step:
             row.update(hook(self))
         self.metrics.write(row)

@@ -52,6 +52,7 @@ class SingleProcess:
     """One rank: nothing to synchronise."""
 
     world_size = 1
+    global_grad_norm = True  # the norm optimizer_step returns is the same on every rank
 
     def __init__(self, model: nn.Module):
         self.model = self.module = model

@@ -387,8 +387,8 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
     the logged loss is the mean over every replica's batch share and every rank takes the same
     decisions. Mid-cycle, that loss (and any evaluation) averages replicas with different weights.
     With `count_intra_bytes` the intra-replica gradient all-reduce goes through bigbatch's comm hook
-    with `NoCompression`, so its bytes appear as `grad_allreduce`. Append `after_step` to the
-    trainer's `after_step` list before `comm_metrics`, so an outer step's bytes land in its own row.
+    with `NoCompression`, so its bytes appear as `grad_allreduce`. The loop calls `after_step` after
+    every step, before `comm_metrics`, so an outer step's bytes land in its own row.
     Without a process group (one process) this is DiLoCo with one replica: a Lookahead-style outer
     optimizer around the inner one.
     """
@@ -419,6 +419,8 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
         if last_micro_step or self.model is self.module:
             return contextlib.nullcontext()
         return self.model.no_sync()  # accumulate locally; all-reduce on the last micro-batch only
+
+    global_grad_norm = False  # replicas hold different gradients between outer steps
 
     def after_step(self, trainer: Any = None) -> dict[str, float]:
         """Counts the inner step and runs the outer step when due. The loop calls it after every

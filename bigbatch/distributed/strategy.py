@@ -37,6 +37,7 @@ class Strategy(Protocol):
     comm: Communicator      # world collectives, counted by kind
     world_size: int
     compressor: Any         # the gradient Compressor whose state is per rank, or None
+    global_grad_norm: bool  # optimizer_step's norm is the same on every rank (DiLoCo: per replica)
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         """Around one micro-batch's forward and backward: gradients sync on the last one only."""
