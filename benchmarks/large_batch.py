@@ -69,7 +69,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from bigbatch.build import build_trainer
+from bigbatch.training.build import build_trainer
 from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import METRICS_FILE, read_metrics

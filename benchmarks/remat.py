@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bigbatch.activation_memory import measure_saved_bytes
+from bigbatch.memory.activation import measure_saved_bytes
 from bigbatch.models.gpt import GPT
-from bigbatch.planner import (STRATEGIES, GPTSpec, format_bytes, optimizer_state_bytes, rank_state)
-from bigbatch.remat import POLICIES, apply_remat
+from bigbatch.memory.planner import (STRATEGIES, GPTSpec, format_bytes, optimizer_state_bytes, rank_state)
+from bigbatch.memory.remat import POLICIES, apply_remat
 from bigbatch.testing import run_ranks
 
 FULL = dict(n_layer=12, d_model=256, n_head=8, seq_len=256, vocab=65, batch=8, warmup=2, iters=7)

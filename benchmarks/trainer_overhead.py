@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from bigbatch.build import build_trainer
+from bigbatch.training.build import build_trainer
 from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.models.registry import build_model

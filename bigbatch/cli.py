@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bigbatch import exit_codes
 from bigbatch.config import ConfigError
-from bigbatch.guard import Diverged
+from bigbatch.training.guard import Diverged
 from bigbatch.metrics import StorageError
 from bigbatch.validate import load_config
 
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # process group exists.
     cfg = load_config(args.config, args.set, world_size=detect().world_size)
     from bigbatch.launch.runtime import distributed_runtime
-    from bigbatch.run import run_training
+    from bigbatch.training.run import run_training
 
     with distributed_runtime(cfg.distributed) as runtime:
         run_training(cfg, runtime)
@@ -109,7 +109,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set, world_size=detect().world_size)
     from bigbatch.launch.runtime import distributed_runtime
-    from bigbatch.lr_find import run_lr_find
+    from bigbatch.commands.lr_find import run_lr_find
 
     with distributed_runtime(cfg.distributed) as runtime:
         result = run_lr_find(cfg, runtime, args.min_lr, args.max_lr, args.steps)
@@ -178,14 +178,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
         raise ValueError("--world-size: must be at least 1")
     cfg = load_config(args.config, args.set, world_size=args.world_size)
-    from bigbatch.plan import plan_run
+    from bigbatch.commands.plan import plan_run
 
     print(plan_run(cfg, args.world_size, args.device_memory))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bigbatch.report import write_report
+    from bigbatch.commands.report import write_report
 
     for path in write_report(args.run_dir):
         print(path)

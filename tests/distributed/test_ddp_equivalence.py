@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.build import build_trainer
+from bigbatch.training.build import build_trainer
 from bigbatch.validate import validate_config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.testing import run_ranks

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from bigbatch.build import samples_after_steps, total_samples
+from bigbatch.training.build import samples_after_steps, total_samples
 from bigbatch.cli import main
 from bigbatch.config import MAX_COUNT, ConfigError
 from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bigbatch.activation_memory import SavedTensorMeter, measure_saved_bytes, record_saved
+from bigbatch.memory.activation import SavedTensorMeter, measure_saved_bytes, record_saved
 
 BYTES = 3 * 4 * 4  # one (3, 4) fp32 tensor
 

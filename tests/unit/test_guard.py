@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.guard import Diverged, GuardAction, NonFiniteLossError, NullGuard, SpikeGuard
+from bigbatch.training.guard import Diverged, GuardAction, NonFiniteLossError, NullGuard, SpikeGuard
 
 
 def fill(guard: SpikeGuard, losses) -> None:

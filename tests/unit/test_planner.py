@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigbatch.activation_memory import measure_saved_bytes
+from bigbatch.memory.activation import measure_saved_bytes
 from bigbatch.models.gpt import GPT
 from bigbatch.models.mlp import MLP
 from bigbatch.models.resnet import ResNet
-from bigbatch.planner import (ActivationEstimate, GPTSpec, MeasuredSpec, RankState, format_plan,
+from bigbatch.memory.planner import (ActivationEstimate, GPTSpec, MeasuredSpec, RankState, format_plan,
                               largest_micro_batch, optimizer_state_bytes, parse_bytes, plan,
                               rank_state, spec_from_model)
-from bigbatch.remat import POLICIES, apply_remat
+from bigbatch.memory.remat import POLICIES, apply_remat
 
 # (n_layer, d_model, n_head, seq_len, vocab, batch, dropout, precision)
 GPT_CASES = [

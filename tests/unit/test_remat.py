@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch.activation_memory import measure_saved_bytes
+from bigbatch.memory.activation import measure_saved_bytes
 from bigbatch.models.gpt import GPT
 from bigbatch.models.mlp import MLP
 from bigbatch.models.resnet import ResNet
-from bigbatch.remat import POLICIES, apply_remat, wrapped_indices
+from bigbatch.memory.remat import POLICIES, apply_remat, wrapped_indices
 
 
 def _gpt():  # dropout on: recomputation must replay the same masks

@@ -134,7 +134,7 @@ def test_registered_names_are_checked_with_the_closest_match(tmp_path):
 def test_a_registered_optimizer_reaches_config_planner_and_build(tmp_path):
     """Adding an optimizer is one registration: validation, the planner and the factory all see it."""
     from bigbatch.optim.registry import OPTIMIZERS, OptimizerSpec, register_optimizer
-    from bigbatch.planner import optimizer_state_bytes
+    from bigbatch.memory.planner import optimizer_state_bytes
 
     register_optimizer("plain_sgd_test", OptimizerSpec("bigbatch.optim.factory:build_sgd", 0, momentum_bytes=4,
                                                        uses_momentum=True))

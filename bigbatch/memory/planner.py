@@ -70,7 +70,7 @@ rounder version of the same model):
 - Loss: one V·T tensor (the log-softmax; nll_loss needs only it and the targets). The textbook's
   2·V·T counts the logits too; they are not saved, they are part of the working set.
 
-Remat policies (see `bigbatch.remat`), per wrapped block:
+Remat policies (see `bigbatch.memory.remat`), per wrapped block:
 - full: the block's input only, r·d·T, so the total is L·r·d·T plus the fixed parts above (the
   issue's "block inputs L·d·T plus one block": the one block is the working set).
 - every_k: blocks 0, k, 2k, … as full, the others as none.
@@ -99,9 +99,9 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
-from bigbatch.activation_memory import measure_saved_bytes
+from bigbatch.memory.activation import measure_saved_bytes
 from bigbatch.optim.registry import optimizer_spec
-from bigbatch.remat import POLICIES, apply_remat, check_policy, wrapped_indices
+from bigbatch.memory.remat import POLICIES, apply_remat, check_policy, wrapped_indices
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 PRECISIONS = ("fp32", "bf16")

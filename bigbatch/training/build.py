@@ -17,7 +17,7 @@ from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.builders import build_strategy
 from bigbatch.distributed.rules import wants_noise_scale
 from bigbatch.distributed.strategy import Strategy
-from bigbatch.guard import NullGuard, SpikeGuard
+from bigbatch.training.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.models.registry import build_model
@@ -26,8 +26,8 @@ from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
-from bigbatch.remat import apply_remat
-from bigbatch.trainer import Trainer
+from bigbatch.memory.remat import apply_remat
+from bigbatch.training.trainer import Trainer
 from bigbatch.validate import validate
 
 

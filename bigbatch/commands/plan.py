@@ -7,7 +7,7 @@ import torch
 from bigbatch.config import Config
 from bigbatch.data.registry import build_data
 from bigbatch.models.registry import build_model
-from bigbatch.planner import format_plan, parse_bytes, plan, spec_from_model
+from bigbatch.memory.planner import format_plan, parse_bytes, plan, spec_from_model
 
 
 def plan_run(cfg: Config, world_size: int, device_memory: str) -> str:

@@ -24,7 +24,7 @@ Every tensor that autograd saves for backward while the meter is active passes t
 - Activation checkpointing (`torch.utils.checkpoint`, non-reentrant): checkpoint saves its region's
   inputs through the same pack hook, so they are counted. Inside the region checkpoint installs its
   own hooks, which keep nothing: those tensors are recomputed in backward and are not counted.
-  Selective checkpointing keeps chosen op outputs in a cache outside autograd; `bigbatch.remat`
+  Selective checkpointing keeps chosen op outputs in a cache outside autograd; `bigbatch.memory.remat`
   reports them with `record_saved`, so they are counted too.
 - Tensors without a plain storage (sparse, some subclasses) count numel × element size, each
   tensor once.

@@ -1,4 +1,4 @@
-"""The training loop. Everything it uses is built elsewhere (bigbatch.build) and handed in."""
+"""The training loop. Everything it uses is built elsewhere (bigbatch.training.build) and handed in."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Callable, Protocol
 
 import torch
 
-from bigbatch.activation_memory import SavedTensorMeter
+from bigbatch.memory.activation import SavedTensorMeter
 from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters
 from bigbatch.config import EvalConfig, split_batch
 from bigbatch.data.base import DataBundle
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.strategy import Strategy
-from bigbatch.evaluate import evaluate, task_loss
-from bigbatch.guard import Diverged, GuardAction, NonFiniteSkips, NullGuard
+from bigbatch.training.evaluate import evaluate, task_loss
+from bigbatch.training.guard import Diverged, GuardAction, NonFiniteSkips, NullGuard
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress
 from bigbatch.slurm.preemption import PreemptionHandler
@@ -36,7 +36,7 @@ class NoPreemption:
 
 
 class LRAt(Protocol):
-    """(samples seen, global batch) -> LR; `peak(batch)` is the scaled peak (bigbatch.build.LRPolicy)."""
+    """(samples seen, global batch) -> LR; `peak(batch)` is the scaled peak (bigbatch.training.build.LRPolicy)."""
 
     def __call__(self, samples: int, global_batch: int) -> float: ...
 

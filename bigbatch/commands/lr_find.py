@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 
-from bigbatch.build import build_trainer
+from bigbatch.training.build import build_trainer
 from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter

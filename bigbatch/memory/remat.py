@@ -15,7 +15,7 @@ model (gpt, resnet, mlp) exposes:
 `selective` uses torch's selective activation checkpointing
 (`create_selective_checkpoint_contexts`): the policy returns MUST_SAVE for the ops above and
 PREFER_RECOMPUTE for everything else. Cached outputs live outside autograd, so the policy also reports
-them to `bigbatch.activation_memory.record_saved` to keep measured bytes honest.
+them to `bigbatch.memory.activation.record_saved` to keep measured bytes honest.
 
 How blocks are wrapped: the block's `forward` is replaced by a method bound to that block (an
 instance attribute), which calls the class's forward under `checkpoint(..., use_reentrant=False)`.
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from bigbatch.activation_memory import record_saved
+from bigbatch.memory.activation import record_saved
 
 POLICIES = ("none", "full", "every_k", "selective")
 

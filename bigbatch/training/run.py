@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from bigbatch.build import build_trainer
+from bigbatch.training.build import build_trainer
 from bigbatch.checkpoint.rundir import open_run, release_run_dir
 from bigbatch.config import Config
 from bigbatch.exit_codes import INTERRUPTED
-from bigbatch.guard import Diverged
+from bigbatch.training.guard import Diverged
 from bigbatch.launch.runtime import Runtime
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 

@@ -1,0 +1,1 @@
+"""Commands of the CLI that are not training itself: plan, lr-find, report."""

@@ -1,0 +1,1 @@
+"""Memory: activation rematerialization, saved-activation measurement and the per-rank memory planner."""
