@@ -53,7 +53,8 @@ def summarise(cfg: Config, trainer, result: dict, elapsed: float) -> None:
         latest = trainer.checkpointer.latest(log=lambda _: None)
         where = f"newest finite checkpoint {latest}" if latest else "no checkpoint to go back to"
         print(f"diverged: stopped at step {trainer.counters.step}: {trainer.diverged}; {where} "
-              "(rerun with a lower optim.lr to resume from it)", flush=True)
+              "(to resume from it with a lower LR: --set optim.lr=... --set checkpoint.allow_config_change=true)",
+              flush=True)
         return
     if trainer.stopped_early and trainer.preemption.interrupted:
         print(f"interrupted (Ctrl-C): checkpoint at step {trainer.counters.step} saved; rerun the "
