@@ -48,9 +48,3 @@ class NoiseScaleMonitor:
         self.estimator.load_state_dict(state["estimator"])
         if self.adaptive is not None and "adaptive" in state:
             self.adaptive.load_state_dict(state["adaptive"])
-
-
-def adaptive_granularity(world_size: int, micro_batch: int | None) -> int:
-    """Batches the adaptive schedule may pick must split over ranks and micro-batches."""
-    return world_size * (micro_batch or 1)
-

@@ -61,4 +61,26 @@ def batch_world_problems(cfg: Config, world_size: int) -> list[str]:
             split_batch(global_batch, world_size, cfg.batch.micro_batch)
         except ValueError as err:
             problems.append(str(err))
+    return problems + adaptive_problems(cfg, world_size)
+
+
+def adaptive_granularity(world_size: int, micro_batch: int | None) -> int:
+    """Batches the adaptive schedule may pick must split over ranks and micro-batches."""
+    return world_size * (micro_batch or 1)
+
+
+def adaptive_problems(cfg: Config, world_size: int) -> list[str]:
+    """batch.adaptive's bounds must be batches the world can run, min <= max."""
+    adaptive = cfg.batch.adaptive
+    if not adaptive.enabled:
+        return []
+    step = adaptive_granularity(world_size, cfg.batch.micro_batch)
+    low, high = adaptive.min or cfg.batch.global_batch, adaptive.max or 64 * cfg.batch.global_batch
+    bounds = (("min", low, "" if adaptive.min else " (default: batch.global_batch)"),
+              ("max", high, "" if adaptive.max else " (default: 64 x batch.global_batch)"))
+    problems = [f"batch.adaptive.{key}: {value}{origin} is not a multiple of {step} (= {world_size} ranks x "
+                f"micro-batch {cfg.batch.micro_batch or 1}); set batch.adaptive.{key} to a multiple of {step}"
+                for key, value, origin in bounds if value % step]
+    if low > high:
+        problems.append(f"batch.adaptive.min: {low} is above batch.adaptive.max {high}")
     return problems

@@ -25,7 +25,8 @@ from bigbatch.optim.adaptive_batch import AdaptiveBatch
 from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
 from bigbatch.optim.lr_schedule import LRSchedule
-from bigbatch.optim.noise_monitor import NoiseScaleMonitor, adaptive_granularity
+from bigbatch.optim.noise_monitor import NoiseScaleMonitor
+from bigbatch.optim.rules import adaptive_granularity
 from bigbatch.memory.remat import apply_remat
 from bigbatch.training.trainer import Trainer
 from bigbatch.validate import validate
@@ -90,16 +91,19 @@ class LRPolicy:
         return self.peak(global_batch) * self.schedule.factor(samples)
 
 
-def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at):
-    """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch."""
+def build_noise_monitor(cfg: Config, strategy, runtime: Runtime, base_batch_at, train_size: int):
+    """The noise-scale hook (None when off); with batch.adaptive it also owns the growing batch, which
+    by default may grow to 64x the configured batch but never past the training set."""
     adaptive_cfg = cfg.batch.adaptive
     if not wants_noise_scale(cfg):
         return None
     adaptive = None
     if adaptive_cfg.enabled:
         granularity = adaptive_granularity(runtime.world_size, cfg.batch.micro_batch)
-        adaptive = AdaptiveBatch(base_batch_at, adaptive_cfg.factor, adaptive_cfg.min or cfg.batch.global_batch,
-                                 adaptive_cfg.max or 64 * cfg.batch.global_batch, adaptive_cfg.every_samples,
+        minimum = adaptive_cfg.min or cfg.batch.global_batch
+        maximum = adaptive_cfg.max or max(minimum, min(64 * cfg.batch.global_batch,
+                                                       train_size // granularity * granularity))
+        adaptive = AdaptiveBatch(base_batch_at, adaptive_cfg.factor, minimum, maximum, adaptive_cfg.every_samples,
                                  granularity)
     return NoiseScaleMonitor(strategy, runtime.world_size, cfg.metrics.noise_scale_ema, adaptive)
 
@@ -141,7 +145,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     schedule = batch_schedule_from(cfg.batch)
     batch_at = schedule.batch_at
     total = total_samples(cfg, len(data.train), schedule)  # adaptive growth is not foreseen here
-    noise = build_noise_monitor(cfg, strategy, runtime, batch_at)
+    noise = build_noise_monitor(cfg, strategy, runtime, batch_at, len(data.train))
     if noise is not None and noise.adaptive is not None:
         batch_at = noise.adaptive.batch_at
     sampler = GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size)

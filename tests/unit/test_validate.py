@@ -168,3 +168,29 @@ def test_every_kind_a_compressor_records_is_registered():
         for stats in run_local(rank, 2):
             kinds = {k.split("/", 1)[1] for k, v in stats.items() if k.startswith("comm_bytes/") and v > 0}
             assert kinds - {"uncompressed", "total"} <= set(spec.kinds) <= set(gradient_kinds()), name
+
+
+def test_adaptive_batch_bounds_are_checked_against_the_world(tmp_path):
+    # 2 ranks x micro-batch 8: the adaptive batch moves in steps of 16
+    raw = tiny_config(tmp_path, batch={"global_batch": 32, "micro_batch": 8,
+                                       "adaptive": {"enabled": True, "min": 40, "max": 24}},
+                      metrics={"noise_scale": True})
+    problems = problems_of(tmp_path, raw, world_size=2)
+    assert problems[0].startswith("batch.adaptive.min: 40 is not a multiple of 16 (= 2 ranks x micro-batch 8)")
+    assert problems[1].startswith("batch.adaptive.max: 24 is not a multiple of 16")
+    assert problems[2] == "batch.adaptive.min: 40 is above batch.adaptive.max 24"
+
+
+def test_adaptive_batch_grows_at_most_to_the_training_set_by_default():
+    from types import SimpleNamespace
+
+    from bigbatch.config import Config
+    from bigbatch.training.build import build_noise_monitor
+
+    cfg = Config.model_validate({"batch": {"global_batch": 32, "adaptive": {"enabled": True}},
+                                 "run": {"max_steps": 1}, "data": {"name": "synthetic"}})
+    runtime = SimpleNamespace(world_size=2)
+    strategy = SimpleNamespace(local_grad_norm=SimpleNamespace(enabled=False))
+    # 1000 training samples, granularity 2: at most 1000, not 64 x 32 = 2048
+    assert build_noise_monitor(cfg, strategy, runtime, lambda s: 32, 1000).adaptive.maximum == 1000
+    assert build_noise_monitor(cfg, strategy, runtime, lambda s: 32, 10**6).adaptive.maximum == 2048
