@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from bigbatch import exit_codes
 from bigbatch.config import ConfigError
@@ -12,7 +11,6 @@ from bigbatch.training.guard import Diverged
 from bigbatch.metrics import StorageError
 from bigbatch.validate import load_config
 
-EXIT_BAD_INPUT = 2
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -203,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"bigbatch: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     except (ValueError, FileNotFoundError) as err:
         print(f"bigbatch: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     except Diverged:  # rank 0's run summary already said why, in one line
         return exit_codes.DIVERGED
     except StorageError as err:  # a full disk: the file and the errno, no traceback

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import yaml
 
+from bigbatch.checkpoint.durable import write_durably
+
 RUN_FILE, LOCK_FILE, METRICS_FILE = "run.json", ".lock", "metrics.jsonl"
 # Keys that may change between a checkpoint and its resume: they change how long, what is logged
 # and where, not what the saved state means.
@@ -153,14 +155,7 @@ def read_run_info(run_dir: Path) -> dict | None:
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
-    """Atomically: temp file, fsync, rename."""
-    path = Path(run_dir) / RUN_FILE
-    tmp = path.with_name(f".{RUN_FILE}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_durably(Path(run_dir) / RUN_FILE, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
 
 
 def current_job() -> str | None:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 import bigbatch
+from bigbatch.checkpoint.durable import fsync_dir, write_durably
 from bigbatch.checkpoint.stateful import Stateful
 from bigbatch.metrics import StorageError, describe_os_error
 
@@ -146,7 +147,7 @@ def _save(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful
         checked = [payload[key] for key in finite_keys if key in payload]
         finite = all_finite(checked) if checked else None
         for name, text in extra_files.items():
-            _write_durably(tmp / name, text.encode("utf-8"))
+            write_durably(tmp / name, text.encode("utf-8"))
     barrier()
     if rank == 0:
         _test_hook("written")
@@ -175,7 +176,7 @@ def _commit(tmp: Path, final: Path, meta: dict, files: list[str]) -> None:
         raise RuntimeError(f"checkpoint files missing in {tmp}: {missing}")
     meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                      for name in files}
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     aside = final.with_name(_OLD_PREFIX + final.name)
     if final.exists():  # re-saving a step: keep the old copy findable until the new one is complete
         if validate_checkpoint(final, checksums=False) is not None:
@@ -184,12 +185,12 @@ def _commit(tmp: Path, final: Path, meta: dict, files: list[str]) -> None:
             if aside.exists():
                 _remove_dir(aside)
             final.rename(aside)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             _test_hook("moved_aside")
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     _test_hook("renamed")
-    _write_durably(final / META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_durably(final / META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     if aside.exists():
         _remove_dir(aside)
 
@@ -506,30 +507,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write via a temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path) -> None:
