@@ -87,6 +87,11 @@ class NonFiniteSkips:
         self.consecutive_skips = 0
         self.events: list[GuardEvent] = []
 
+    def check(self, loss: float, step: int | None = None) -> GuardAction:
+        """OK, or SKIP_STEP for a non-finite (global) loss. Does not record; see `record`."""
+        loss = float(loss)
+        return GuardAction.OK if math.isfinite(loss) else self._nonfinite("loss", loss, step)
+
     def check_grad_norm(self, norm: float, step: int | None = None) -> GuardAction:
         """OK, or SKIP_STEP for a non-finite (global) gradient norm. Does not record; see `record`."""
         norm = float(norm)
@@ -135,9 +140,10 @@ class SpikeGuard(NonFiniteSkips):
 
     def check(self, loss: float, step: int | None = None) -> GuardAction:
         """What to do with a step whose (global) loss is `loss`. Does not record it; see `record`."""
+        action = super().check(loss, step)
+        if action is not GuardAction.OK:
+            return action
         loss = float(loss)
-        if not math.isfinite(loss):
-            return self._nonfinite("loss", loss, step)
         threshold = self.threshold()
         if threshold is None or loss <= threshold:
             return GuardAction.OK
@@ -197,10 +203,6 @@ class NullGuard(NonFiniteSkips):
     """guard.enabled: false: no spike detection or rollback, but non-finite steps are still skipped."""
 
     skip_remaining = 0
-
-    def check(self, loss: float, step: int | None = None) -> GuardAction:
-        loss = float(loss)
-        return GuardAction.OK if math.isfinite(loss) else self._nonfinite("loss", loss, step)
 
     def after_rollback(self, checkpoint_step: int) -> int:
         return 0
