@@ -31,7 +31,7 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, ContextManager, Mapping
 
 import torch
 import torch.distributed as dist

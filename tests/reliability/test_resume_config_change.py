@@ -5,7 +5,6 @@ the keys, unless checkpoint.allow_config_change opts in (and then shapes must st
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -68,7 +68,7 @@ def test_lock_is_exclusive_between_processes_and_released_on_exit(tmp_path):
     holder.write_text(
         "import sys, time\n"
         "from bigbatch.checkpoint.rundir import RunDirLock\n"
-        f"RunDirLock(sys.argv[1]).acquire(print)\n"
+        "RunDirLock(sys.argv[1]).acquire(print)\n"
         "print('locked', flush=True)\n"
         "sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, str(holder), str(tmp_path)], stdin=subprocess.PIPE,
