@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bigbatch.metrics import storage_error
+
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Write via a temp file, fsync, rename, fsync the directory."""
+    """Write via a temp file, fsync, rename, fsync the directory. A failed write (a full disk) removes
+    the temp file and raises StorageError naming the file and the errno; `path` keeps its old content."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(str(path), err if err.filename else OSError(err.errno, err.strerror, str(tmp))) from err
     fsync_dir(path.parent)
 
 

@@ -11,7 +11,6 @@ from bigbatch.config import Config
 from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.training.guard import Diverged
 from bigbatch.launch.runtime import Runtime
-from bigbatch.metrics import storage_error
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
 
@@ -22,10 +21,7 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
     open_run(cfg, runtime, trainer.checkpointer)
     if runtime.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        try:  # durably: a full disk leaves the old file, not half of the new one
-            write_durably(cfg.run_dir / "config.yaml", cfg.to_yaml().encode())
-        except OSError as err:
-            raise storage_error("the resolved config", err) from None
+        write_durably(cfg.run_dir / "config.yaml", cfg.to_yaml().encode())  # a full disk: old file kept
         trainer.progress.write(f"bigbatch: {cfg.run.name}: {runtime.world_size} rank(s), "
                                f"{trainer.total_samples} samples, model {cfg.model.name}, "
                                f"optimizer {cfg.optim.name}")

@@ -83,3 +83,22 @@ def test_disk_full_during_checkpoint_is_one_line_and_resumable(tmp_path, small_d
     assert main(["train", str(cfg), "--set", "run.max_steps=20"]) == 0
     assert f"resumed from {checkpoints / 'step-00000010'}" in capsys.readouterr().out
     assert train_steps(run_dir) == list(range(1, 21))
+
+
+def test_disk_full_at_start_is_one_line_and_leaves_the_files_whole(tmp_path, small_disk, capsys):
+    """No space at all when a run resumes: it stops with one line naming the file and ENOSPC, and
+    RUN_DIR/config.yaml and run.json keep their old content (durable writes: old or new, never half)."""
+    raw = tiny_config(small_disk, run={"max_steps": 5}, checkpoint={"every_steps": 5})
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    assert main(["train", str(cfg)]) == 0
+    run_dir = small_disk / "runs" / "tiny"
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "run.json")}
+    filler = fill(small_disk, 0)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--set", "run.max_steps=10"]) == exit_codes.FAILED
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bigbatch: error: cannot write ") and "(ENOSPC)" in line
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    filler.unlink()
+    assert main(["train", str(cfg), "--set", "run.max_steps=10"]) == 0
+    assert train_steps(run_dir) == list(range(1, 11))
