@@ -14,6 +14,7 @@ order and duplicates are kept. Unlike some Slurm builds we also accept text afte
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 MAX_RANGE = 65536  # hosts in one range, Slurm's own limit (a typo like [1-1000000] is refused)
@@ -69,16 +70,9 @@ def _expand_name(name: str, hostlist: str) -> list[str]:
     # re.split with a capturing group alternates literal text and bracket contents.
     parts = re.split(r"\[([^\]]*)\]", name)
     choices = [[text] if i % 2 == 0 else _expand_group(text, hostlist) for i, text in enumerate(parts)]
-    if _product_size(choices) > MAX_HOSTS:
+    if math.prod(len(options) for options in choices) > MAX_HOSTS:
         raise ValueError(f"host list {hostlist!r}: more than {MAX_HOSTS} hosts")
     return ["".join(combo) for combo in itertools.product(*choices)]
-
-
-def _product_size(choices: list[list[str]]) -> int:
-    size = 1
-    for options in choices:
-        size *= len(options)
-    return size
 
 
 def _expand_group(group: str, hostlist: str) -> list[str]:
