@@ -9,10 +9,11 @@ what the attribute is before calling it.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from typing import Any
+
+from bigbatch.registry import import_attribute
 
 
 class PluginError(ValueError):
@@ -57,11 +58,9 @@ def plugin_problems(key: str, name: str, builtins: tuple[str, ...]) -> list[str]
 def load_plugin(key: str, spec: str) -> Any:
     """Import `package.module:attribute` (running that module's code) and return the attribute, which
     must be defined outside the standard library. The caller checks its kind before calling it."""
-    module_name, attr = _split(key, spec)
+    _split(key, spec)  # refuses a malformed path or the standard library before importing anything
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = import_attribute(spec)
     except (ImportError, AttributeError) as err:
         raise PluginError(f"{key}: cannot import '{spec}' ({err}); check the module is on PYTHONPATH") from None
     home = getattr(obj, "__module__", None)

@@ -15,9 +15,12 @@ Spec = TypeVar("Spec")
 
 
 def import_attribute(path: str) -> Any:
-    """`package.module:function` → the function (importing the module, and torch with it)."""
+    """`package.module:attr.sub` → that attribute (importing the module, which may import torch)."""
     module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class Registry(Generic[Spec]):
