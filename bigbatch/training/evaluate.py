@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch.nn import functional as F
@@ -24,10 +25,26 @@ def rank_positions(size: int, rank: int, world_size: int) -> tuple[torch.Tensor,
     return torch.where(valid, positions, torch.zeros_like(positions)), valid
 
 
+def take(obj: Any, keep: torch.Tensor) -> Any:
+    """The kept rows of a batch: a tensor, or tuples, lists and dicts of tensors (custom outputs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[keep]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take(item, keep) for item in obj)
+    if isinstance(obj, dict):
+        return {key: take(value, keep) for key, value in obj.items()}
+    return obj
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, task: str, strategy, rank: int, world_size: int,
-             batch_size: int, max_batches: int | None, device: torch.device, autocast) -> dict:
-    """Each rank evaluates every world_size-th sample; sums are all-reduced, so any world size agrees."""
+             batch_size: int, max_batches: int | None, device: torch.device, autocast,
+             loss_fn: Callable = task_loss) -> dict:
+    """Each rank evaluates every world_size-th sample; sums are all-reduced, so any world size agrees.
+
+    A custom `loss_fn` (model.loss) returns a batch mean of unknown meaning: val_loss is its mean over
+    samples, weighted by batch size, and no accuracy or perplexity is reported."""
+    custom = loss_fn is not task_loss
     was_training = model.training
     model.eval()
     indices, valid = rank_positions(len(split), rank, world_size)
@@ -39,13 +56,20 @@ def evaluate(model: torch.nn.Module, split: Split, task: str, strategy, rank: in
         with autocast():
             logits = model(x)
         keep = keep.to(device)
-        logits, y = logits[keep], y[keep]
+        logits, y = take(logits, keep), take(y, keep)
+        if custom:
+            count = int(keep.sum())
+            totals[0] += loss_fn(logits, y).double() * count if count else 0.0
+            totals[2] += count
+            continue
         totals[0] += task_loss(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(-1) == y).sum().double()
         totals[2] += y.numel()
     strategy.all_reduce_sum(totals)
     model.train(was_training)
     loss = (totals[0] / totals[2]).item()
+    if custom:
+        return {"val_loss": loss}
     if task == "lm":
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
     return {"val_loss": loss, "val_accuracy": (totals[1] / totals[2]).item()}

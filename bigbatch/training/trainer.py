@@ -74,6 +74,8 @@ class Trainer:
     last_loss: float = math.nan
     last_grad_norm: float = math.nan
     diverged: str | None = None  # why training stopped on non-finite steps (exit code 3)
+    loss_fn: Callable = task_loss          # (outputs, targets) -> mean loss; model.loss names another
+    throughput: Callable[[dict], dict] | None = None  # a step row -> tokens/s, MFU (metrics.Throughput)
 
     def __post_init__(self) -> None:
         hooks = getattr(self.checkpointer, "before_save", None)
@@ -142,7 +144,7 @@ class Trainer:
             x, y = (t.to(self.runtime.device) for t in self.data.train.batch(chunk))
             with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
                 with self.activation_meter(i):
-                    loss = task_loss(model(x), y)
+                    loss = self.loss_fn(model(x), y)
                 self.strategy.backward(loss / accum)  # mean over the rank's share of the global batch
             loss_sum += loss.detach()
         # Every rank saw an equal share, so the mean of rank means is the global-batch mean, and every
@@ -255,6 +257,8 @@ class Trainer:
         if self._meter is not None:
             row["activation_bytes"], self._meter = self._meter.bytes, None
         row.update(extra or {})
+        if self.throughput is not None:
+            row.update(self.throughput(row))
         for hook in self.after_step:
             row.update(hook(self))
         self.metrics.write(row)
@@ -269,7 +273,7 @@ class Trainer:
         with self.evaluation_weights():
             result = evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
                               self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
-                              self.eval_cfg.max_batches, self.runtime.device, self.autocast)
+                              self.eval_cfg.max_batches, self.runtime.device, self.autocast, self.loss_fn)
         self.last_eval = {"step": step, "samples": self.counters.samples, **result}
         self.metrics.write({"kind": "eval", **self.last_eval}, prefix="eval")
         self.progress.write("eval " + "  ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))
