@@ -92,6 +92,8 @@ class ModelConfig(Section):
     d_model: int = _f(128, "gpt: embedding width", gt=0)
     dropout: float = _f(0.0, "gpt/mlp: dropout probability", ge=0, lt=1)
     kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom model class")
+    loss: str = _f("cross_entropy", "training loss: cross_entropy, or 'pkg.module:fn' called as "
+                   "fn(outputs, targets) -> mean loss (an nn.Module class is instantiated without arguments)")
 
 
 class LRScalingConfig(Section):
@@ -261,6 +263,9 @@ class MetricsConfig(Section):
     progress: Literal["auto", "bar", "log", "none"] = _f("auto", "rank-0 progress display")
     noise_scale: bool = _f(False, "estimate and log the gradient noise scale (needs >= 2 ranks)")
     noise_scale_ema: float = _f(0.99, "EMA decay of the noise-scale estimates", ge=0, lt=1)
+    peak_flops: Union[float, str] = _f(
+        "auto", "MFU's denominator, per device: FLOP/s (989e12), a GPU of the table (a100, h100-sxm, "
+        "h100-pcie, h200, l40s, l4, a10), auto (detect the GPU; unknown on CPU: no MFU) or unknown")
 
 
 class SlurmConfig(Section):

@@ -14,8 +14,10 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,97 @@ def read_metrics(path: Path) -> list[dict]:
     return [row for row, _, _ in parse_rows(path)[0]]
 
 
+# Dense (no sparsity) peak FLOP/s of one GPU from NVIDIA's datasheets, by `precision`: bf16 tensor
+# cores, and plain fp32 (torch's default: TF32 matmuls are off unless you turn them on).
+PEAK_FLOPS = {
+    "a100": {"bf16": 312e12, "fp32": 19.5e12},
+    "h100-sxm": {"bf16": 989e12, "fp32": 67e12},
+    "h100-pcie": {"bf16": 756e12, "fp32": 51e12},
+    "h200": {"bf16": 989e12, "fp32": 67e12},
+    "l40s": {"bf16": 362e12, "fp32": 91.6e12},
+    "l4": {"bf16": 121e12, "fp32": 30.3e12},
+    "a10": {"bf16": 125e12, "fp32": 31.2e12},
+}
+# torch.cuda.get_device_name() -> table key, first match wins ("NVIDIA H100 80GB HBM3" is the SXM part).
+# NVL and other variants fall through to "unknown" rather than borrow a neighbour's figure.
+GPU_NAMES = ((r"h100.*pcie", "h100-pcie"), (r"h100(?!.*nvl)", "h100-sxm"), (r"h200(?!.*nvl)", "h200"),
+             (r"a100", "a100"), (r"l40s", "l40s"), (r"\bl4\b", "l4"), (r"\ba10\b", "a10"))
+PEAK_FLOPS_CHOICES = ("auto", "unknown", *PEAK_FLOPS)
+
+
+def _as_number(setting: float | str) -> float | None:
+    """A FLOP/s figure given as a number or as a numeric string ('989e12': YAML reads it as a string)."""
+    try:
+        return float(setting)
+    except (TypeError, ValueError):
+        return None
+
+
+def peak_flops_problems(setting: float | str) -> list[str]:
+    """Torch-free check of metrics.peak_flops (composed by bigbatch.validate)."""
+    number = _as_number(setting)
+    if number is not None:
+        ok = math.isfinite(number) and number > 0
+        return [] if ok else [f"metrics.peak_flops: {setting} is not a positive FLOP/s figure; use e.g. 989e12"]
+    if str(setting).lower() in PEAK_FLOPS_CHOICES:
+        return []
+    return [f"metrics.peak_flops: unknown '{setting}'; use a FLOP/s figure per device (e.g. 989e12) or one "
+            f"of {', '.join(PEAK_FLOPS_CHOICES)}"]
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The PEAK_FLOPS key of a CUDA device name, or None when the table does not know it."""
+    name = device_name.lower()
+    return next((key for pattern, key in GPU_NAMES if re.search(pattern, name)), None)
+
+
+def resolve_peak_flops(setting: float | str, device_type: str, device_name: str | None,
+                       precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, or None when unknown; where the figure comes from, in words)."""
+    number = _as_number(setting)
+    if number is not None:
+        return number, f"{number:.4g} FLOP/s per device (metrics.peak_flops)"
+    key = str(setting).lower()
+    if key == "unknown":
+        return None, "metrics.peak_flops: unknown"
+    if key == "auto":
+        if device_type != "cuda":
+            return None, f"peak FLOPs unknown on {device_type}"
+        key = gpu_key(device_name or "")
+        if key is None:
+            return None, f"peak FLOPs of '{device_name}' not in bigbatch's table"
+    return PEAK_FLOPS[key][precision], f"{PEAK_FLOPS[key][precision]:.4g} FLOP/s per device ({key}, {precision})"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Sequence-model throughput of a step row: tokens/s in total and per rank, and MFU.
+
+    MFU = model FLOPs per token x tokens/s per rank / peak FLOP/s of one device: the fraction of the
+    hardware's peak that the model's own arithmetic (bigbatch.models.flops) uses; reported only when
+    both figures are known."""
+
+    tokens_per_sample: int
+    world_size: int
+    flops_per_token: float | None = None
+    peak_flops: float | None = None
+
+    def __call__(self, row: dict) -> dict:
+        total = row["samples_per_s"] * self.tokens_per_sample
+        out = {"tokens_per_s": total, "tokens_per_s_per_rank": total / self.world_size}
+        if self.flops_per_token and self.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s_per_rank"] / self.peak_flops
+        return out
+
+
+def rate_text(row: dict) -> str:
+    """'1234 tokens/s  MFU 41.2%' for sequence models, else 'N samples/s'."""
+    if "tokens_per_s" not in row:
+        return f"{row['samples_per_s']:.0f} samples/s"
+    mfu = f"  MFU {100 * row['mfu']:.2f}%" if "mfu" in row else ""
+    return f"{row['tokens_per_s']:.0f} tokens/s ({row['tokens_per_s_per_rank']:.0f}/rank){mfu}"
+
+
 class Progress:
     """tqdm bar on a TTY, plain periodic lines otherwise (CI logs, Slurm output files)."""
 
@@ -118,11 +211,13 @@ class Progress:
     def update(self, row: dict) -> None:
         if self.bar is not None:
             self.bar.update(row["global_batch"])
-            self.bar.set_postfix(step=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}")
+            extra = {"tok/s": f"{row['tokens_per_s']:.0f}"} if "tokens_per_s" in row else {}
+            if "mfu" in row:
+                extra["mfu"] = f"{100 * row['mfu']:.1f}%"
+            self.bar.set_postfix(step=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", **extra)
         elif self.enabled and row["step"] % self.log_every == 0:
             print(f"step {row['step']:>6}  samples {row['samples']:>9}  loss {row['loss']:.4f}  "
-                  f"lr {row['lr']:.4g}  batch {row['global_batch']}  {row['samples_per_s']:.0f} samples/s",
-                  flush=True)
+                  f"lr {row['lr']:.4g}  batch {row['global_batch']}  {rate_text(row)}", flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
