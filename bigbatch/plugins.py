@@ -5,11 +5,16 @@ hostile config from running something else: validation (and `--print-config`) ne
 code, it only checks the syntax and that the top-level package can be found; the import happens when
 the run builds, refuses the standard library and builtins (`os:system`), and the registries check
 what the attribute is before calling it.
+
+Packages are found as `python -m` finds them: the current directory comes first on sys.path once a
+config names user code, so `bigbatch train` (the console script, whose sys.path starts with its own
+folder) sees `my_pkg/` beside you just as `python -m bigbatch train` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -37,6 +42,14 @@ def _split(key: str, spec: str) -> tuple[str, str]:
     return module_name, attr
 
 
+def cwd_on_path() -> None:
+    """Put the current directory first on sys.path, as `python -m` does, unless it is there already."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+
+
 def plugin_problems(key: str, name: str, builtins: tuple[str, ...]) -> list[str]:
     """Why `name` is neither a built-in nor a findable `package.module:attribute`. Imports nothing:
     `find_spec` on the top-level package only locates it, without executing any of its code."""
@@ -50,6 +63,7 @@ def plugin_problems(key: str, name: str, builtins: tuple[str, ...]) -> list[str]
     except PluginError as err:
         return [str(err)]
     top = module_name.partition(".")[0]
+    cwd_on_path()
     if importlib.util.find_spec(top) is None:
         return [f"{key}: cannot import '{name}' (no package '{top}'); check the module is on PYTHONPATH"]
     return []
@@ -59,6 +73,7 @@ def load_plugin(key: str, spec: str) -> Any:
     """Import `package.module:attribute` (running that module's code) and return the attribute, which
     must be defined outside the standard library. The caller checks its kind before calling it."""
     _split(key, spec)  # refuses a malformed path or the standard library before importing anything
+    cwd_on_path()
     try:
         obj = import_attribute(spec)
     except (ImportError, AttributeError) as err:

@@ -19,8 +19,9 @@ from bigbatch.distributed.rules import wants_noise_scale
 from bigbatch.distributed.strategy import Strategy
 from bigbatch.training.guard import NullGuard, SpikeGuard
 from bigbatch.launch.runtime import Runtime
-from bigbatch.metrics import MetricsWriter, Progress
-from bigbatch.models.registry import build_model
+from bigbatch.metrics import MetricsWriter, Progress, Throughput, resolve_peak_flops
+from bigbatch.models.flops import model_flops_per_token
+from bigbatch.models.registry import build_model, loss_function
 from bigbatch.optim.adaptive_batch import AdaptiveBatch
 from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
@@ -28,6 +29,7 @@ from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor
 from bigbatch.optim.rules import adaptive_granularity
 from bigbatch.memory.remat import apply_remat
+from bigbatch.training.evaluate import task_loss
 from bigbatch.training.trainer import Trainer
 from bigbatch.validate import validate
 
@@ -129,6 +131,26 @@ def wire_states(strategy: Strategy, model, optimizer, noise, **more: Any) -> tup
     return replicated, per_rank, after_step
 
 
+def build_throughput(cfg: Config, data, model, runtime: Runtime, log) -> Throughput | None:
+    """tokens/s and MFU for sequence models (data.task "lm"); None for classifiers. Says once, through
+    `log`, how many FLOPs a token costs and whether MFU can be reported."""
+    if data.task != "lm":
+        return None
+    seq_len = math.prod(data.input_shape)
+    flops = model_flops_per_token(model, seq_len)
+    name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
+    peak, source = resolve_peak_flops(cfg.metrics.peak_flops, runtime.device.type, name, cfg.precision)
+    if flops is None:
+        log(f"throughput: {seq_len} tokens a sample; model FLOPs unknown (give the model a "
+            "flops_per_token(seq_len) method): no MFU")
+    elif peak is None:
+        log(f"throughput: {flops:.4g} model FLOPs a token (6N + 12·L·d·T); {source}: no MFU (set "
+            "metrics.peak_flops to FLOP/s per device or a GPU name)")
+    else:
+        log(f"throughput: {flops:.4g} model FLOPs a token (6N + 12·L·d·T); MFU against {source}")
+    return Throughput(seq_len, runtime.world_size, flops, peak)
+
+
 def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     """Everything a run needs, wired together; `trainer.checkpointer.resume()` restores a checkpoint.
 
@@ -151,6 +173,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     sampler = GlobalSampler(len(data.train), cfg.run.seed, runtime.rank, runtime.world_size)
     counters, guard = Counters(), build_guard(cfg.guard)
     progress = Progress(cfg.metrics.progress, total, cfg.metrics.log_every_steps, active=runtime.is_main)
+    throughput = build_throughput(cfg, data, model, runtime, progress.write)
     replicated, per_rank, after_step = wire_states(strategy, model, optimizer, noise, counters=counters,
                                                    sampler=sampler, guard=guard)
     checkpointer = CheckpointManager(
@@ -165,4 +188,5 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
         precision=cfg.precision, guard=guard, counters=counters, after_step=after_step,
+        loss_fn=loss_function(cfg.model.loss) or task_loss, throughput=throughput,
         activation_every=cfg.remat.measure_every_steps)
