@@ -183,10 +183,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bigbatch.commands.report import write_report
+    from bigbatch.commands.report import throughput_summary, write_report
 
     for path in write_report(args.run_dir):
         print(path)
+    summary = throughput_summary(args.run_dir)
+    if summary:
+        print(summary)
     return 0
 
 
