@@ -44,6 +44,7 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     trainer.metrics = MetricsWriter(cfg.run_dir, enabled=False, tensorboard=False)
     lrs = exponential_lrs(min_lr, max_lr, steps)
     trainer.lr_at = SweepLR(lrs, trainer.counters)
+    trainer.loss_every = 1  # the sweep reads every step's loss and stops on it
     losses: list[float] = []
 
     def record(t) -> dict:  # a metrics hook: keep each step's loss

@@ -15,6 +15,7 @@ from bigbatch.config import Config, ConfigError, GuardConfig
 from bigbatch.data.registry import build_data
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.builders import build_strategy
+from bigbatch.distributed.ddp import SingleProcess
 from bigbatch.distributed.rules import wants_noise_scale
 from bigbatch.distributed.strategy import Strategy
 from bigbatch.training.guard import NullGuard, SpikeGuard
@@ -118,6 +119,17 @@ def build_guard(cfg: GuardConfig):
                       max_consecutive_skips=cfg.max_consecutive_skips)
 
 
+def loss_read_every(cfg: Config, strategy: Strategy) -> int:
+    """Steps between reads of the global loss (Trainer.loss_every): every log line's period, or every
+    step where a step's decision needs its loss. The spike guard decides on each loss. Without it a
+    non-finite loss only has to skip the step, which its NaN-poisoned gradients do through the
+    strategy's non-finite-norm check: SingleProcess.optimizer_step and its heirs (ddp, zero1-3, DiLoCo)
+    decline such a step; DeepSpeed's engine steps anyway, so it reads the loss every step."""
+    if cfg.guard.enabled or type(strategy).optimizer_step is not SingleProcess.optimizer_step:
+        return 1
+    return cfg.metrics.log_every_steps
+
+
 def wire_states(strategy: Strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
     """What the checkpoint holds once (replicated) and per rank, and the after-step metrics hooks
     (the loop runs the strategy's own `after_step`, DiLoCo's outer step, before them).
@@ -189,4 +201,4 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
         precision=cfg.precision, guard=guard, counters=counters, after_step=after_step,
         loss_fn=loss_function(cfg.model.loss) or task_loss, throughput=throughput,
-        activation_every=cfg.remat.measure_every_steps)
+        activation_every=cfg.remat.measure_every_steps, loss_every=loss_read_every(cfg, strategy))

@@ -74,13 +74,18 @@ class Trainer:
     last_loss: float = math.nan
     last_grad_norm: float = math.nan
     diverged: str | None = None  # why training stopped on non-finite steps (exit code 3)
+    # Steps between reads of the global loss (bigbatch.training.build.loss_read_every): 1 reads it
+    # every step, as the spike guard needs; N > 1 keeps each step's local loss on the device and
+    # reduces them all in one collective and one host sync every N steps (flush_losses).
+    loss_every: int = 1
+    _unwritten: list[dict] = field(default_factory=list)  # rows whose loss is still on the device
     loss_fn: Callable = task_loss          # (outputs, targets) -> mean loss; model.loss names another
     throughput: Callable[[dict], dict] | None = None  # a step row -> tokens/s, MFU (metrics.Throughput)
 
     def __post_init__(self) -> None:
         hooks = getattr(self.checkpointer, "before_save", None)
         if hooks is not None:  # a checkpoint never points past metrics rows that are not on disk
-            hooks.append(self.metrics.sync)
+            hooks += [self.flush_losses, self.metrics.sync]
 
     def fit(self) -> dict:
         """Train until the sample or step budget is spent (or a preemption, or divergence: then
@@ -90,6 +95,7 @@ class Trainer:
         try:
             row = self.train_steps()
         except Diverged as err:  # raised on every rank at the same step: the checks use global values
+            self.flush_losses()
             self.diverged = str(err)
             return {"loss": self.last_loss}
         if self.stopped_early:
@@ -110,13 +116,12 @@ class Trainer:
             batch = self.batch_at(self.counters.samples)
             self.announce_batch(batch)
             lr = self.set_lr(self.lr_at(self.counters.samples, batch))
-            loss, action = self.forward_backward(batch)
-            self.last_loss = loss
+            loss, action = self.forward_backward(batch)  # loss: a float, or a tensor read later
             if action is GuardAction.ROLLBACK:
                 self.rollback()
                 continue
             if action is GuardAction.OK:
-                grad_norm, action = self.optimizer_step()
+                loss, grad_norm, action = self.optimizer_step(loss)
             else:
                 grad_norm = self.discard_gradients()
             if action is GuardAction.OK:
@@ -132,10 +137,12 @@ class Trainer:
             self.guard.raise_if_diverged(self.counters.step)
             self.maybe_evaluate(final=False)
             self.checkpointer.maybe_save(self.counters.step, self.counters.samples, time_due=time_due)
+        self.flush_losses()
         return row
 
-    def forward_backward(self, batch: int) -> tuple[float, GuardAction]:
-        """Accumulate this rank's share of the global batch; returns the global mean loss."""
+    def forward_backward(self, batch: int) -> tuple[float | torch.Tensor, GuardAction]:
+        """Accumulate this rank's share of the global batch; returns the global mean loss, or with
+        `loss_every` > 1 this rank's mean loss as a device tensor (reduced later by flush_losses)."""
         model = self.strategy.model
         micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
         indices = self.sampler.rank_indices(self.counters.samples, batch)
@@ -145,12 +152,24 @@ class Trainer:
             with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
                 with self.activation_meter(i):
                     loss = self.loss_fn(model(x), y)
-                self.strategy.backward(loss / accum)  # mean over the rank's share of the global batch
+                self.strategy.backward(self.backward_loss(loss, accum))
             loss_sum += loss.detach()
+        if self.loss_every > 1:  # no collective, no host sync: the GPU queue keeps filling
+            return loss_sum / accum, GuardAction.OK
         # Every rank saw an equal share, so the mean of rank means is the global-batch mean, and every
         # rank gets the same number: the guard's decision is the same everywhere.
         mean_loss = self.strategy.all_reduce_mean(loss_sum / accum).item()
+        self.last_loss = mean_loss
         return mean_loss, self.guard.check(mean_loss, self.counters.step + 1)
+
+    def backward_loss(self, loss: torch.Tensor, accum: int) -> torch.Tensor:
+        """loss / accum: the mean over the rank's share of the global batch. When the loss is not read
+        this step, a non-finite loss must still skip the step: multiplying by NaN (by 1.0 otherwise, so
+        the gradients are bitwise those of loss / accum) makes every gradient NaN on this rank, hence the
+        global norm, and the strategy declines the step as the loss check would have."""
+        if self.loss_every == 1:
+            return loss / accum
+        return loss / accum * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
 
     def activation_meter(self, micro_index: int) -> contextlib.AbstractContextManager:
         """Counts bytes saved for backward by the first micro-batch, at step 1 and every N steps."""
@@ -160,12 +179,19 @@ class Trainer:
         self._meter = SavedTensorMeter(self.strategy.module)
         return self._meter
 
-    def optimizer_step(self) -> tuple[float, GuardAction]:
-        """Clip and step. The strategy does not step on a non-finite global gradient norm; the guard
-        then counts the step as skipped (its gradients are dropped here either way)."""
+    def optimizer_step(self, loss: float | torch.Tensor) -> tuple[float | torch.Tensor, float, GuardAction]:
+        """Clip and step; returns (loss, grad norm, action). The strategy does not step on a non-finite
+        global gradient norm; the guard then counts the step as skipped (its gradients are dropped here
+        either way). An unread loss is read on such a step (every rank agreed on it): when the loss
+        itself was non-finite, the guard hears of the loss, as it would have before the step."""
         grad_norm = self.strategy.optimizer_step(self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, self.guard.check_grad_norm(self.agreed_norm(grad_norm), self.counters.step + 1)
+        norm, step = self.agreed_norm(grad_norm), self.counters.step + 1
+        if not math.isfinite(norm) and torch.is_tensor(loss):
+            loss = self.last_loss = self.strategy.all_reduce_mean(loss).item()
+            if not math.isfinite(loss):
+                return loss, math.nan, self.guard.check(loss, step)
+        return loss, grad_norm, self.guard.check_grad_norm(norm, step)
 
     def agreed_norm(self, grad_norm: float) -> float:
         """DiLoCo replicas hold different gradients: one rank's non-finite norm counts as non-finite on
@@ -209,6 +235,7 @@ class Trainer:
         """Log the derived per-rank split and peak LR at the start and whenever the batch changes."""
         if batch == self.current_batch:
             return
+        self.flush_losses()  # the event follows the rows of the steps before it
         micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
         event = {"kind": "batch_change", "step": self.counters.step, "samples": self.counters.samples,
                  "global_batch": batch, "micro_batch": micro, "accumulation": accum,
@@ -246,7 +273,7 @@ class Trainer:
         return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16,
                               enabled=self.precision == "bf16")
 
-    def log_step(self, loss: float, lr: float, batch: int, grad_norm: float, step_time: float,
+    def log_step(self, loss: float | torch.Tensor, lr: float, batch: int, grad_norm: float, step_time: float,
                  skipped: bool, extra: dict | None = None) -> dict:
         row = {"step": self.counters.step, "samples": self.counters.samples,
                "epoch": self.counters.samples / len(self.data.train), "loss": loss, "lr": lr,
@@ -261,15 +288,32 @@ class Trainer:
             row.update(self.throughput(row))
         for hook in self.after_step:
             row.update(hook(self))
-        self.metrics.write(row)
-        self.progress.update(row)
+        self._unwritten.append(row)
+        if not torch.is_tensor(loss) or self.counters.step % self.loss_every == 0:
+            self.flush_losses()
         return row
+
+    def flush_losses(self) -> None:
+        """Write the rows still waiting for their loss: the losses left on the device are stacked and
+        averaged over ranks in one collective, read with one host sync. Called at the same step on every
+        rank: every `loss_every` steps, before a checkpoint, an evaluation, a batch change and at the end."""
+        waiting = [row for row in self._unwritten if torch.is_tensor(row["loss"])]
+        if waiting:
+            values = self.strategy.all_reduce_mean(torch.stack([row["loss"] for row in waiting])).tolist()
+            for row, value in zip(waiting, values):
+                row["loss"] = value
+            self.last_loss = values[-1]
+        for row in self._unwritten:
+            self.metrics.write(row)
+            self.progress.update(row)
+        self._unwritten = []
 
     def maybe_evaluate(self, final: bool) -> None:
         every, step = self.eval_cfg.every_steps, self.counters.step
         due = self.eval_cfg.at_end if final else (every is not None and step % every == 0)
         if not due or (final and self.last_eval.get("step") == step):
             return
+        self.flush_losses()
         with self.evaluation_weights():
             result = evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
                               self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
