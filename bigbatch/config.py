@@ -79,6 +79,9 @@ class DataConfig(Section):
     shape: list[PositiveInt] = _f([1, 28, 28], "synthetic: shape of one input sample")
     num_classes: int = _count(10, "synthetic: number of classes", gt=1)
     num_samples: int = _count(4096, "synthetic: number of samples", gt=0)
+    prefetch: Optional[bool] = _f(
+        None, "gather the next step's batch in a background thread while this one runs (default: on for the "
+        "built-in datasets, off for a custom one: a split whose batch() draws random numbers must keep it off)")
     kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom builder")
 
 
@@ -212,7 +215,10 @@ class DiLoCoConfig(Section):
     offload: bool = _f(True, "keep the global weights and outer optimizer state on the CPU")
     count_intra_bytes: bool = _f(True, "route intra-replica gradients through the accounting hook")
     fragments: int = _f(1, "streaming DiLoCo: parameter fragments synchronised on a staggered schedule", gt=0)
-    mixing: float = _f(0.0, "streaming DiLoCo: local weight kept when a fragment syncs (alpha)", ge=0, lt=1)
+    mixing: float = _f(0.0, "streaming DiLoCo: local weight kept when a fragment syncs (alpha; 1 keeps the "
+                       "local weights)", ge=0, le=1)
+    sync_delay: int = _f(0, "streaming DiLoCo: start a fragment's exchange this many inner steps before it "
+                         "is applied (tau, overlaps it with training); below inner_steps // fragments", ge=0)
 
 
 class DeepSpeedConfig(Section):

@@ -34,25 +34,36 @@ Streaming DiLoCo (Douillard et al. 2025, "Streaming DiLoCo with overlapping comm
 `fragments=P` splits the trainable parameters (in module order) into P contiguous blocks of about
 equal size; fragment f is synchronized every H steps, at the steps t with t % H == ((f+1)*H // P) % H,
 so the outer traffic is spread over the cycle (the last fragment syncs on multiples of H, and P=1 is
-DiLoCo). After a fragment's outer step the replicas take `theta_local = mixing * theta_local +
-(1 - mixing) * theta_global` (the paper's alpha; 0 replaces, which keeps replicas identical). The
-paper's overlap of a fragment's all-reduce with tau further inner steps is not implemented: the
-reduction is blocking, at the step it is due.
+DiLoCo). `sync_delay=tau` overlaps a fragment's exchange with tau further inner steps, with the
+semantics of torchft's `fragment_sync_delay` / `fragment_update_alpha`: tau steps before the sync
+step, the fragment's pseudo-gradient is taken (delta_r = theta_global - theta_local_r at that moment)
+and its reduction started (an async work handle; PowerSGD and int8/int4, whose collectives are not
+one async call, finish theirs right there); on the sync step the result is awaited, the outer
+optimizer steps theta_global with it, and the replicas take `theta_local = mixing * theta_local +
+(1 - mixing) * theta_global` (the paper's alpha, applied to the local weights as they are then, tau
+steps after the delta was taken). mixing 0 replaces (the tau steps' local progress on that fragment
+is dropped, and replicas stay identical), 1 keeps the local weights (theta_global still moves and is
+what later pseudo-gradients are taken against). tau < H // P (validated), so an exchange starts after
+the previous fragment was applied: at most one is in flight. tau = 0 is the blocking exchange.
 
 Checkpoints: theta_global, the outer optimizer and the step counters are identical on every rank
 (`replicated_state()`); the compressor's state (PowerSGD error feedback) is per rank
-(`per_rank_state()`). Mid-cycle, the local model and the inner optimizer differ per replica, so a run
+(`per_rank_state()`). An exchange in flight when a checkpoint is saved is finished first (its result
+is the same on every rank) and its averaged pseudo-gradient saved with the replicated state, so the
+resumed run applies it at its sync step exactly as the uninterrupted run does. Mid-cycle, the local model and the inner optimizer differ per replica, so a run
 resumed mid-cycle continues exactly only if those are checkpointed per rank too.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.futures import Future
 from torch.nn.parallel import DistributedDataParallel
 
 from bigbatch.compression.base import (Compressor, NoCompression, all_reduce_flat, flatten,
@@ -208,6 +219,23 @@ def broadcast_flat(tensors: Sequence[Tensor], comm: Communicator, src: int, kind
         unflatten_into(flat, group)
 
 
+@dataclass
+class Exchange:
+    """One fragment's pseudo-gradient reduction, started and not yet applied: `deltas` hold the
+    replicas' mean once `future` has completed (None: already complete, e.g. loaded from a checkpoint)."""
+
+    fragment: int
+    names: list[str]
+    deltas: list[Tensor]
+    future: Future | None = None
+
+    def wait(self) -> list[Tensor]:
+        if self.future is not None:
+            self.future.wait()  # re-raises a failed collective
+            self.future = None
+        return self.deltas
+
+
 # -- the algorithm -------------------------------------------------------------------------------
 class DiLoCo:
     """theta_global, the outer optimizer and the H-step schedule; see the module docstring.
@@ -218,12 +246,14 @@ class DiLoCo:
 
     def __init__(self, module: nn.Module, cross_comm: Communicator, inner_steps: int,
                  outer_optimizer: Mapping[str, Any] | None = None, compressor: Compressor | None = None,
-                 offload: bool = True, fragments: int = 1, mixing: float = 0.0):
+                 offload: bool = True, fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0):
         module = unwrap(module)
-        self._check(inner_steps, fragments, mixing)
+        self._check(inner_steps, fragments, mixing, sync_delay)
         self.cross_comm, self.outer_comm = cross_comm, RelabeledCommunicator(cross_comm, OUTER_KIND)
         self.compressor = compressor if compressor is not None else NoCompression()
         self.inner_steps, self.offload, self.mixing = inner_steps, offload, float(mixing)
+        self.sync_delay = sync_delay
+        self.pending: Exchange | None = None  # started tau steps before its sync step
         self.step = 0  # inner steps taken
         self.outer_step = 0  # fragment synchronisations done (outer steps when fragments == 1)
         with torch.no_grad():
@@ -240,14 +270,16 @@ class DiLoCo:
                           for block in split_fragments([p.numel() for _, p in named], fragments)]
 
     @staticmethod
-    def _check(inner_steps: int, fragments: int, mixing: float) -> None:
+    def _check(inner_steps: int, fragments: int, mixing: float, sync_delay: int) -> None:
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"diloco.inner_steps must be an integer >= 1, got {inner_steps!r}")
         if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
             raise ValueError(f"diloco.fragments must be an integer >= 1, got {fragments!r}")
-        _raise_first(diloco_cycle_problems(inner_steps, fragments))
-        if not 0 <= mixing < 1:
-            raise ValueError(f"diloco.mixing must be in [0, 1), got {mixing}")
+        if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
+            raise ValueError(f"diloco.sync_delay must be an integer >= 0, got {sync_delay!r}")
+        _raise_first(diloco_cycle_problems(inner_steps, fragments, sync_delay))
+        if not 0 <= mixing <= 1:
+            raise ValueError(f"diloco.mixing must be in [0, 1], got {mixing}")
 
     def _global_copy(self, param: Tensor) -> Tensor:
         """theta_global's copy of `param`: on the CPU (pinned when it feeds a GPU) when offloading."""
@@ -266,31 +298,55 @@ class DiLoCo:
         return None
 
     def maybe_outer_step(self, model: nn.Module) -> dict[str, float]:
-        """Count one inner step; on a sync step, run the outer step. Returns its metrics (or {})."""
+        """Count one inner step; start the exchange due tau steps from now, and on a sync step run
+        the outer step. Returns its metrics (or {})."""
         module = unwrap(model)
         self.step += 1
+        starting = self.due_fragment(self.step + self.sync_delay)
+        if starting is not None:  # tau = 0: the same fragment as the sync below, started just before
+            self._start_exchange(module, starting)
         fragment = self.due_fragment(self.step)
         metrics: dict[str, float] = {}
         if fragment is not None:
-            metrics = self._sync_fragment(module, fragment)
+            metrics = self._apply_exchange(module, fragment)
         if self.step % self.inner_steps == 0:
             self._average_buffers(module)
         return metrics
 
     # -- the outer step --------------------------------------------------------------------------
-    @torch.no_grad()
-    def _sync_fragment(self, module: nn.Module, fragment: int) -> dict[str, float]:
-        names = self.fragments[fragment]
+    def _fragment_params(self, module: nn.Module, names: list[str]) -> list[Tensor]:
         params = dict(module.named_parameters())
         missing = [name for name in names if name not in params]
         if missing:
             raise ValueError(f"DiLoCo: the model has no parameter(s) {missing[:3]}; pass the module "
                              "DiLoCo was built with")
-        local = [params[name] for name in names]
-        glob = [self.global_params[name] for name in names]
-        deltas = [g.to(p.device) - p for g, p in zip(glob, local)]  # theta_global - theta_local
-        self.compressor.reduce(list(zip(names, deltas)), self.outer_comm)
+        return [params[name] for name in names]
+
+    @torch.no_grad()
+    def _start_exchange(self, module: nn.Module, fragment: int) -> None:
+        """Take the fragment's pseudo-gradient now and start averaging it across replicas."""
+        if self.pending is not None:
+            raise RuntimeError(f"DiLoCo: fragment {self.pending.fragment}'s exchange is still pending at "
+                               f"step {self.step}, when fragment {fragment}'s starts (was diloco.sync_delay "
+                               "changed on resume?)")
+        names = self.fragments[fragment]
+        local = self._fragment_params(module, names)
+        deltas = [self.global_params[n].to(p.device) - p for n, p in zip(names, local)]  # global - local
+        future = self.compressor.reduce_async(list(zip(names, deltas)), self.outer_comm)
         self.compressor.end_step()
+        self.pending = Exchange(fragment, names, deltas, future)
+
+    @torch.no_grad()
+    def _apply_exchange(self, module: nn.Module, fragment: int) -> dict[str, float]:
+        """Wait for the fragment's mean pseudo-gradient, step theta_global with it, mix the replicas."""
+        exchange = self.pending
+        if exchange is None or exchange.fragment != fragment:
+            raise RuntimeError(f"DiLoCo: fragment {fragment} is due at step {self.step} but its exchange "
+                               "was never started (was diloco.sync_delay changed on resume?)")
+        deltas = exchange.wait()
+        self.pending = None
+        local = self._fragment_params(module, exchange.names)
+        glob = [self.global_params[name] for name in exchange.names]
         norm = torch.linalg.vector_norm(torch.stack([d.float().norm() for d in deltas])).item()
         for g, d in zip(glob, deltas):
             g.grad = d.to(g.device)
@@ -300,7 +356,7 @@ class DiLoCo:
         for g, p in zip(glob, local):
             fresh = g.to(p.device)
             if self.mixing:
-                p.lerp_(fresh, 1.0 - self.mixing)
+                p.lerp_(fresh, 1.0 - self.mixing)  # mixing * local + (1 - mixing) * global
             else:
                 p.copy_(fresh)
         self.outer_step += 1
@@ -343,7 +399,16 @@ class DiLoCoReplicatedState:
         d = self.diloco
         return {"step": d.step, "outer_step": d.outer_step, "inner_steps": d.inner_steps,
                 "global_params": {name: t.detach().cpu().clone() for name, t in d.global_params.items()},
-                "outer_optimizer": d.outer_optimizer.state_dict()}
+                "outer_optimizer": d.outer_optimizer.state_dict(), "pending": self._pending_state()}
+
+    def _pending_state(self) -> dict[str, Any] | None:
+        """The exchange in flight (tau > 0), finished now: its mean is the same on every rank."""
+        exchange = self.diloco.pending
+        if exchange is None:
+            return None
+        deltas = exchange.wait()
+        return {"fragment": exchange.fragment,
+                "deltas": {name: d.detach().cpu().clone() for name, d in zip(exchange.names, deltas)}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,6 +421,21 @@ class DiLoCoReplicatedState:
             d.global_params[name].copy_(tensor)
         d.outer_optimizer.load_state_dict(state["outer_optimizer"])
         d.step, d.outer_step = int(state["step"]), int(state["outer_step"])
+        self._load_pending(state.get("pending"))  # absent in checkpoints from before sync_delay
+
+    def _load_pending(self, saved: dict[str, Any] | None) -> None:
+        d = self.diloco
+        if d.pending is not None:
+            d.pending.wait()  # a rollback mid-flight: let the collective finish before dropping it
+        d.pending = None
+        if saved is None:
+            return
+        fragment = int(saved["fragment"])
+        names = d.fragments[fragment] if fragment < len(d.fragments) else []
+        if list(saved["deltas"]) != names:
+            raise ValueError(f"DiLoCo checkpoint: the exchange in flight holds {list(saved['deltas'])[:3]}, "
+                             f"not fragment {fragment} of this model; keep diloco.fragments as saved")
+        d.pending = Exchange(fragment, names, [t.clone() for t in saved["deltas"].values()])
 
 
 class DiLoCoPerRankState:
@@ -396,7 +476,7 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
     def __init__(self, model: nn.Module, device: torch.device, replicas: int, inner_steps: int,
                  outer_optimizer: Mapping[str, Any] | None = None, compressor: Compressor | None = None,
                  offload: bool = True, bucket_cap_mb: float = 25.0, count_intra_bytes: bool = True,
-                 fragments: int = 1, mixing: float = 0.0):
+                 fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0):
         super().__init__(model)
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
@@ -413,7 +493,7 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
                 register_compression_hook(self.model, NoCompression(), self.intra_comm,
                                           param_names_by_id(model), observer=self.local_grad_norm)
         self.diloco = DiLoCo(model, self.cross_comm, inner_steps, outer_optimizer, compressor,
-                             offload=offload, fragments=fragments, mixing=mixing)
+                             offload=offload, fragments=fragments, mixing=mixing, sync_delay=sync_delay)
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         if last_micro_step or self.model is self.module:

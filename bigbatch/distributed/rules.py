@@ -103,10 +103,17 @@ def diloco_replica_problems(world_size: int, replicas: int) -> list[str]:
     return []
 
 
-def diloco_cycle_problems(inner_steps: int, fragments: int) -> list[str]:
+def diloco_cycle_problems(inner_steps: int, fragments: int, sync_delay: int = 0) -> list[str]:
     if fragments > inner_steps:
         return [f"diloco.fragments: {fragments} fragments need at least as many inner steps "
                 f"(diloco.inner_steps={inner_steps}); lower diloco.fragments"]
+    # Fragments sync at least H // P steps apart: a smaller delay starts each exchange after the
+    # previous fragment was applied (one in flight at a time, never before the first step).
+    gap = inner_steps // fragments
+    if sync_delay >= gap:
+        return [f"diloco.sync_delay: {sync_delay} must be below diloco.inner_steps // diloco.fragments = "
+                f"{inner_steps} // {fragments} = {gap}, the steps between two fragments' syncs; set "
+                f"diloco.sync_delay to at most {gap - 1}"]
     return []
 
 
@@ -136,7 +143,7 @@ def _diloco_problems(cfg: Config) -> list[str]:
     if wants_noise_scale(cfg):
         problems.append("metrics.noise_scale / batch.adaptive: not with distributed.strategy=diloco, whose "
                         "gradients are averaged only inside a replica; turn them off")
-    problems += diloco_cycle_problems(d.inner_steps, d.fragments)
+    problems += diloco_cycle_problems(d.inner_steps, d.fragments, d.sync_delay)
     problems += outer_optimizer_problems(d.outer_optimizer.momentum, d.outer_optimizer.nesterov)
     return problems
 

@@ -83,7 +83,12 @@ def test_bad_settings_raise_value_errors():
     with pytest.raises(ValueError, match="diloco.compression.method"):
         build_pseudo_grad_compressor("torch_powersgd")
     with pytest.raises(ValueError, match="diloco.mixing"):
-        DiLoCo(model, Communicator(), 1, mixing=1.0)
+        DiLoCo(model, Communicator(), 1, mixing=1.5)
+    DiLoCo(model, Communicator(), 1, mixing=1.0)  # keep the local weights: valid
+    with pytest.raises(ValueError, match=r"diloco.sync_delay: 3 must be below .* 6 // 2 = 3"):
+        DiLoCo(nn.Sequential(Vec([1.0]), Vec([2.0])), Communicator(), 6, fragments=2, sync_delay=3)
+    with pytest.raises(ValueError, match="diloco.sync_delay must be an integer >= 0"):
+        DiLoCo(model, Communicator(), 2, sync_delay=-1)
 
 
 def test_split_fragments_contiguous_and_balanced():
@@ -220,26 +225,35 @@ def test_replica_zero_weights_are_broadcast_at_construction():
 
 
 # -- checkpointing -------------------------------------------------------------------------------
+def load_checkpoint(comm, model, opt, diloco, checkpoint) -> None:
+    """Rank 0's replicated state goes to every rank, as the checkpoint store does."""
+    replicated = torch.load(io.BytesIO(checkpoint["replicated"]), weights_only=True)
+    per_rank = torch.load(io.BytesIO(checkpoint["per_rank"][comm.rank]), weights_only=True)
+    model.load_state_dict(per_rank["model"])
+    opt.load_state_dict(per_rank["optimizer"])
+    diloco.replicated_state().load_state_dict(replicated)
+    diloco.per_rank_state().load_state_dict(per_rank["diloco"])
+
+
+def save_checkpoint(model, opt, diloco) -> tuple[bytes, bytes]:
+    """(replicated, this rank's) checkpoint bytes."""
+    replicated, per_rank = io.BytesIO(), io.BytesIO()
+    torch.save(diloco.replicated_state().state_dict(), replicated)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "diloco": diloco.per_rank_state().state_dict()}, per_rank)
+    return replicated.getvalue(), per_rank.getvalue()
+
+
 def _resumable(comm, models, checkpoint, first_step, last_step):
     model = models[comm.rank]
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     diloco = DiLoCo(model, comm, 3, compressor=PowerSGD(rank=1, start_step=0, seed=4))
     if checkpoint is not None:
-        # Rank 0's replicated state goes to every rank, as the checkpoint store does.
-        replicated = torch.load(io.BytesIO(checkpoint["replicated"]), weights_only=True)
-        per_rank = torch.load(io.BytesIO(checkpoint["per_rank"][comm.rank]), weights_only=True)
-        model.load_state_dict(per_rank["model"])
-        opt.load_state_dict(per_rank["optimizer"])
-        diloco.replicated_state().load_state_dict(replicated)
-        diloco.per_rank_state().load_state_dict(per_rank["diloco"])
+        load_checkpoint(comm, model, opt, diloco, checkpoint)
     for step in range(first_step, last_step):
         inner_step(model, opt, *batch(comm.rank, step))
         diloco.maybe_outer_step(model)
-    replicated, per_rank = io.BytesIO(), io.BytesIO()
-    torch.save(diloco.replicated_state().state_dict(), replicated)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "diloco": diloco.per_rank_state().state_dict()}, per_rank)
-    return clone_state(model), replicated.getvalue(), per_rank.getvalue(), diloco.state_dict()
+    return clone_state(model), *save_checkpoint(model, opt, diloco), diloco.state_dict()
 
 
 def test_state_dict_round_trip_mid_cycle_continues_exactly():
@@ -374,6 +388,122 @@ def test_streaming_mixing_keeps_part_of_the_local_weights():
 
     for rank, (local, glob) in enumerate(run_local(replica, 2)):
         assert local == expected[rank] and glob == [7.0, 20.0]
+
+
+class TwoScalars(nn.Module):
+    """Two one-element parameters: fragment 0 is `a`, fragment 1 is `b`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+
+
+OUTER_SGD_LR2 = {"name": "sgd", "lr": 2.0, "momentum": 0.0, "nesterov": False}  # global -= 2 * mean delta
+GRADIENT = [1.0, 3.0]  # replica r's fixed gradient: inner SGD lr 1 subtracts it from a and b every step
+
+# H = 6, 2 fragments: `a` syncs at steps 3, 9 and `b` at 6, 12; its exchange starts tau steps before.
+# Each row: sync step -> (replica 0's local, replica 1's local, theta_global) of the synced fragment.
+# Between syncs a replica's local weights only fall by its gradient (checked step by step).
+STREAMING_CASES = {
+    # tau 0, alpha 0: step 3: locals -3, -9 (3 steps of 1 and 3); deltas 0 - local = 3, 9, mean 6;
+    # global 0 - 2 * 6 = -12 and both replicas restart there. Step 6 (b): 6 steps, deltas 6, 18,
+    # mean 12, global -24. Step 9 (a): locals -12 - 6 = -18, -12 - 18 = -30, deltas 6, 18, global
+    # -12 - 24 = -36. Step 12 (b): likewise -24 - 24 = -48.
+    (0, 0.0): {3: (-12, -12, -12), 6: (-24, -24, -24), 9: (-36, -36, -36), 12: (-48, -48, -48)},
+    # tau 0, alpha 0.5: same globals at steps 3 and 6; locals = (local + global) / 2:
+    # step 3: (-3 - 12) / 2 = -7.5, (-9 - 12) / 2 = -10.5; step 6: (-6 - 24) / 2, (-18 - 24) / 2.
+    # Step 9: locals -7.5 - 6 = -13.5, -10.5 - 18 = -28.5; deltas -12 - local = 1.5, 16.5, mean 9;
+    # global -12 - 18 = -30; mixed (-13.5 - 30) / 2 = -21.75, (-28.5 - 30) / 2 = -29.25.
+    # Step 12: locals -15 - 6 = -21, -21 - 18 = -39; deltas -3, 15, mean 6; global -36; mixed
+    # (-21 - 36) / 2 = -28.5, (-39 - 36) / 2 = -37.5.
+    (0, 0.5): {3: (-7.5, -10.5, -12), 6: (-15, -21, -24), 9: (-21.75, -29.25, -30), 12: (-28.5, -37.5, -36)},
+    # tau 0, alpha 1: locals never change (-t, -3t); global moves as before at steps 3 and 6, then
+    # step 9: deltas -12 - (-9) = -3, -12 - (-27) = 15, mean 6, global -24; step 12: deltas
+    # -24 + 12 = -12, -24 + 36 = 12, mean 0, global stays -24.
+    (0, 1.0): {3: (-3, -9, -12), 6: (-6, -18, -24), 9: (-9, -27, -24), 12: (-12, -36, -24)},
+    # tau 1, alpha 0: a's delta is taken at step 2 (locals -2, -6; mean 4), applied at step 3:
+    # global -8, step 3's local progress on `a` dropped. b: taken at 5 (mean 10), global -20 at 6.
+    # a again: taken at 8, locals -8 - 5 = -13, -8 - 15 = -23, deltas 5, 15, mean 10, global -28.
+    # b: taken at 11, locals -25, -35, mean 10, global -40.
+    (1, 0.0): {3: (-8, -8, -8), 6: (-20, -20, -20), 9: (-28, -28, -28), 12: (-40, -40, -40)},
+    # tau 1, alpha 0.5: globals -8 and -20 first; mixed with the locals of the sync step:
+    # (-3 - 8) / 2 = -5.5, (-9 - 8) / 2 = -8.5; (-6 - 20) / 2 = -13, (-18 - 20) / 2 = -19.
+    # a at step 8: locals -5.5 - 5 = -10.5, -8.5 - 15 = -23.5; deltas 2.5, 15.5, mean 9; global
+    # -8 - 18 = -26; step 9's locals -11.5, -26.5 mixed: -18.75, -26.25.
+    # b at step 11: locals -13 - 5 = -18, -19 - 15 = -34; deltas -2, 14, mean 6; global -32;
+    # step 12's locals -19, -37 mixed: -25.5, -34.5.
+    (1, 0.5): {3: (-5.5, -8.5, -8), 6: (-13, -19, -20), 9: (-18.75, -26.25, -26), 12: (-25.5, -34.5, -32)},
+    # tau 1, alpha 1: locals never change; globals -8, -20, then a at step 8: deltas -8 + 8 = 0,
+    # -8 + 24 = 16, mean 8, global -24; b at step 11: deltas -20 + 11 = -9, -20 + 33 = 13, mean 2,
+    # global -24.
+    (1, 1.0): {3: (-3, -9, -8), 6: (-6, -18, -20), 9: (-9, -27, -24), 12: (-12, -36, -24)},
+}
+
+
+@pytest.mark.parametrize("tau, alpha", list(STREAMING_CASES))
+def test_streaming_sync_delay_and_mixing_hand_computed(tau, alpha):
+    def replica(comm):
+        model = TwoScalars()
+        diloco = DiLoCo(model, comm, 6, outer_optimizer=OUTER_SGD_LR2, fragments=2, mixing=alpha,
+                        sync_delay=tau)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        comm.take_step_stats()
+        rows = []
+        for _ in range(12):
+            for p in model.parameters():
+                p.grad = torch.full((1,), GRADIENT[comm.rank])
+            opt.step()
+            diloco.maybe_outer_step(model)
+            rows.append(([model.a.item(), model.b.item()], [diloco.global_params[n].item() for n in "ab"],
+                         comm.take_step_stats()["comm_bytes/diloco_outer"]))
+        return rows
+
+    results = run_local(replica, 2)
+    expected, previous = STREAMING_CASES[(tau, alpha)], [[0.0, 0.0], [0.0, 0.0]]
+    for step in range(1, 13):
+        synced = {3: 0, 9: 0, 6: 1, 12: 1}.get(step)
+        for rank in range(2):
+            local, glob, sent = results[rank][step - 1]
+            for fragment in range(2):
+                if fragment == synced:
+                    assert local[fragment] == expected[step][rank], (step, rank)
+                    assert glob[fragment] == expected[step][2], step
+                else:  # one inner step: minus the replica's gradient
+                    assert local[fragment] == previous[rank][fragment] - GRADIENT[rank], (step, rank, fragment)
+            previous[rank] = local
+            # The fragment's one float goes out tau steps before its sync step.
+            assert sent == (4 if step + tau in (3, 6, 9, 12) else 0), (step, sent)
+
+
+def test_streaming_resume_with_an_exchange_in_flight_continues_exactly():
+    """tau = 1, H = 4, 2 fragments of mlp(): exchanges start at steps 1, 3, 5, ... and apply one step
+    later; a checkpoint after step 5 holds fragment 0's averaged delta, applied at step 6."""
+    def run(comm, models, checkpoint, first, last):
+        model = models[comm.rank]
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        diloco = DiLoCo(model, comm, 4, fragments=2, sync_delay=1, mixing=0.5)
+        if checkpoint is not None:
+            load_checkpoint(comm, model, opt, diloco, checkpoint)
+        history = []
+        for step in range(first, last):
+            inner_step(model, opt, *batch(comm.rank, step))
+            diloco.maybe_outer_step(model)
+            history.append(clone_state(model))
+        return history, *save_checkpoint(model, opt, diloco), diloco.replicated_state().state_dict()["pending"]
+
+    fresh = lambda seed: [mlp(seed) for _ in range(2)]  # noqa: E731
+    uninterrupted = run_local(run, 2, fresh(0), None, 0, 9)
+    first = run_local(run, 2, fresh(0), None, 0, 5)
+    pending = first[0][3]
+    assert pending["fragment"] == 0 and list(pending["deltas"]) == ["0.weight"]  # 32 of 58 parameters
+    checkpoint = {"replicated": first[0][1], "per_rank": [r[2] for r in first]}
+    resumed = run_local(run, 2, fresh(123), checkpoint, 5, 9)
+    for rank in range(2):
+        for step, got in enumerate(resumed[rank][0], start=5):
+            for key, expected in uninterrupted[rank][0][step].items():
+                assert torch.equal(got[key], expected), (rank, step, key)
+    for rank in range(2):  # step 9 started fragment 0 again: both runs save the same mean delta
+        assert torch.equal(resumed[rank][3]["deltas"]["0.weight"], uninterrupted[rank][3]["deltas"]["0.weight"])
 
 
 # -- the strategy without a process group -------------------------------------------------------
