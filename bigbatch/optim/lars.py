@@ -32,9 +32,9 @@ group, e.g.::
         dist.all_reduce(sq, group=shard_group)
         return sq.sqrt()
 
-``norm_fn`` is called with ``params + grads`` of one (group, device, dtype) bucket in the foreach
-path, and with ``[w, g]`` of one tensor at a time in the per-parameter path (``foreach=False``), so
-it sees the same sequence of calls on every rank as long as every rank steps the same parameters
+``norm_fn`` is called with ``params + grads`` of one (group, device, dtype) bucket in the default and
+the multi-tensor (``foreach=True``) paths, and with ``[w, g]`` of one tensor at a time in the
+per-parameter path (``foreach=False``), so it sees the same sequence of calls on every rank as long as every rank steps the same parameters
 (a rank whose shard of a tensor is empty must still pass the empty tensor with an empty gradient).
 It can be given to the constructor or set later with :meth:`LARS.set_norm_fn`; it is not part of
 ``state_dict``. Norms of half-precision tensors are computed in float32 by the default.
@@ -62,8 +62,9 @@ class LARS(LayerwiseOptimizer):
         eps: added to the trust-ratio denominator.
         nesterov: Nesterov momentum.
         clip: LARC clipping, local_lr = min(local_lr / lr, 1).
-        foreach: multi-tensor ``torch._foreach_*`` path (default True); False runs a simple
-            per-parameter loop. May also be set per group.
+        foreach: None (default): tensor at a time on CPU, multi-tensor elsewhere; True: the
+            multi-tensor ``torch._foreach_*`` path; False: a simple per-parameter loop. May also be
+            set per group.
         norm_fn: list of tensors -> 1-D tensor of their L2 norms (default: local norms).
     """
 
@@ -125,6 +126,64 @@ class LARS(LayerwiseOptimizer):
         else:
             update = d
         p.add_(update, alpha=-lr)
+
+    # ------------------------------------------------------------------ tensor-at-a-time path (CPU)
+
+    def _tensorwise_update(self, group: dict, params: list[Tensor]) -> None:
+        """Each tensor's update in place with its local LR as a Python float: no intermediate
+        tensors, and g, w and the buffer stay in cache across the passes over one tensor. A norm_fn
+        of its own is called once for the bucket, as in the multi-tensor path."""
+        grads = [p.grad for p in params]
+        wd, mu, lr = group["weight_decay"], group["momentum"], group["lr"]
+        local_lrs = self._bucket_local_lrs(group, params, grads)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            # Default norms: per tensor, right before its update, which then finds w and g in cache.
+            local = local_lrs[i] if local_lrs is not None else self._local_lr_float(group, p, g)
+            buf = self._momentum_step(p, g, local, wd, mu) if mu != 0 else None
+            if buf is not None and not group["nesterov"]:
+                p.add_(buf, alpha=-lr)
+                continue
+            # w -= lr·(d + μ·buf) with d = local·(g + λ·w), all from the old w: decay first.
+            if wd != 0:
+                p.mul_(1.0 - lr * local * wd)
+            p.add_(g, alpha=-lr * local)
+            if buf is not None:
+                p.add_(buf, alpha=-lr * mu)
+
+    def _bucket_local_lrs(self, group: dict, params: list[Tensor], grads: list[Tensor]):
+        """Local LRs of a bucket from one norm_fn call, or None when each tensor's comes later from
+        local norms (the default norm_fn)."""
+        if group["exclude_from_adaptation"]:
+            return [1.0] * len(params)
+        if self.norm_fn is local_norms:
+            return None
+        n = len(params)
+        norms = self.norm_fn(params + grads)
+        return self._local_lr(group, norms[:n], norms[n:]).tolist()
+
+    def _local_lr_float(self, group: dict, p: Tensor, g: Tensor) -> float:
+        """`_local_lr` for one tensor, in Python floats (a handful of tiny tensor ops per tensor
+        would cost more than the update itself)."""
+        w_norm, g_norm = local_norms([p, g]).tolist()
+        if not (w_norm > 0 and g_norm > 0):
+            return 1.0
+        local = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+        if group["clip"]:
+            lr = float(group["lr"])
+            return min(local / lr, 1.0) if lr > 0 else 1.0
+        return local
+
+    def _momentum_step(self, p: Tensor, g: Tensor, local: float, wd: float, mu: float) -> Tensor:
+        """buf = μ·buf + local·(g + λ·w) in place (buf = local·(g + λ·w) on the first step)."""
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.mul(g, local)
+        else:
+            buf.mul_(mu).add_(g, alpha=local)
+        if wd != 0:
+            buf.add_(p, alpha=local * wd)
+        return buf
 
     # ------------------------------------------------------------------ multi-tensor path
 

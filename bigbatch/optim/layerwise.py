@@ -1,5 +1,11 @@
 """What LARS and LAMB share: whole-tensor norms (``norm_fn``), device/dtype buckets, the safe trust
-ratio, and one `step` skeleton that dispatches to a multi-tensor or a per-parameter update."""
+ratio, and one `step` skeleton that dispatches each (device, dtype) bucket to one of three updates:
+
+- ``foreach=None`` (default): tensor at a time on CPU (`_tensorwise_update`, see `_tensorwise_ok`),
+  multi-tensor elsewhere;
+- ``foreach=True``: multi-tensor (`_foreach_update`), one ``norm_fn`` call per bucket;
+- ``foreach=False``: the simple per-parameter reference loop (`_single_update`).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ def ratio_or_one(numerator: Tensor, denominator: Tensor, w_norm: Tensor, u_norm:
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of the layer-wise adaptive optimizers. Subclasses set GROUP_DEFAULTS (keys older state
-    dicts may lack) and implement `_init_state`, `_foreach_update` and `_single_update`."""
+    dicts may lack) and implement `_init_state`, `_foreach_update` and `_single_update`, and may
+    override `_tensorwise_update` (default: the multi-tensor update)."""
 
     GROUP_DEFAULTS: dict = {}
 
@@ -58,6 +65,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict, params: list[Tensor]) -> None:
         """Create or advance per-parameter state before an update (default: nothing)."""
 
+    def _tensorwise_ok(self, params: list[Tensor]) -> bool:
+        """Whether the default path may update this bucket one tensor at a time: on CPU, where
+        host-side scalars are free and a tensor's intermediates stay in cache between passes. On
+        accelerators the multi-tensor path avoids per-tensor kernel launches and host syncs."""
+        return params[0].device.type == "cpu"
+
+    def _tensorwise_update(self, group: dict, params: list[Tensor]) -> None:
+        self._foreach_update(group, params)
+
+    def _loop(self, group: dict, params: list[Tensor]) -> None:
+        for p in params:
+            self._single_update(group, p)
+
+    def _scratch(self, like: Tensor, numel: int) -> Tensor:
+        """A flat buffer of at least `numel` elements of `like`'s dtype and device, reused across
+        steps (never part of the state dict)."""
+        buffers = self.__dict__.setdefault("_scratch_buffers", {})
+        key = (like.device, like.dtype)
+        if key not in buffers or buffers[key].numel() < numel:
+            buffers[key] = torch.zeros(numel, dtype=like.dtype, device=like.device)
+        return buffers[key]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -71,10 +100,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             self._init_state(group, params)
-            if group["foreach"] is None or group["foreach"]:
-                for bucket in group_by_device_dtype(params):
+            if group["foreach"] is False:  # the simple per-parameter reference path
+                self._loop(group, params)
+                continue
+            for bucket in group_by_device_dtype(params):
+                if group["foreach"] is None and self._tensorwise_ok(bucket):
+                    self._tensorwise_update(group, bucket)
+                else:
                     self._foreach_update(group, bucket)
-            else:
-                for p in params:
-                    self._single_update(group, p)
         return loss

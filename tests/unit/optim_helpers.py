@@ -37,7 +37,7 @@ class NoisyQuadratic:
         """Steps `first` .. `first + steps - 1`: set each parameter's gradient, then `opt.step()`."""
         for k in range(first, first + steps):
             for p, g in zip(params, self.grads_at(params, k)):
-                p.grad = g
+                p.grad = g.to(p.dtype)  # float32 parameters get the float64 gradient, rounded
             opt.step()
 
 
@@ -59,3 +59,19 @@ def assert_mixed_dtypes_agree(make_opt: Callable[[list[torch.Tensor], bool], tor
     for a, b in zip(*results):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, both taken in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class OneThread:
+    """Context manager: torch on one thread (the condition of the CPU fast paths), restored after."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
+from bigbatch.optim import lamb_kernel
 from bigbatch.optim.lamb import LAMB
-from tests.unit.optim_helpers import DT, NoisyQuadratic, assert_mixed_dtypes_agree, make_params
+from tests.unit.optim_helpers import (DT, NoisyQuadratic, OneThread, assert_mixed_dtypes_agree, make_params,
+                                      relative_error)
 
 PROBLEM = NoisyQuadratic(noise_seed=2000)
 grads_at, run = PROBLEM.grads_at, PROBLEM.run
@@ -40,6 +42,23 @@ def reference_lamb(params, steps, lr, betas, eps, weight_decay, bias_correction=
     return ws
 
 
+PATHS = {"native": None, "torch": None, "foreach": True, "loop": False}  # path -> the foreach argument
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request):
+    """The `foreach` argument selecting one of LAMB's four code paths, on one torch thread: the default
+    path with the C kernel ("native") or with torch ops only ("torch"), multi-tensor, or the loop."""
+    with OneThread():
+        lamb_kernel.set_enabled(request.param == "native")
+        try:
+            if request.param == "native" and lamb_kernel.library() is None:
+                pytest.fail("the native LAMB kernel did not build (see the warning)")
+            yield PATHS[request.param]
+        finally:
+            lamb_kernel.set_enabled(True)
+
+
 def test_one_step_matches_formula():
     w0 = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=DT)
     g = torch.tensor([[0.1, 0.2], [-0.3, 0.05]], dtype=DT)
@@ -56,15 +75,14 @@ def test_one_step_matches_formula():
     assert opt.state[w]["step"] == 1
 
 
-@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("bias_correction,trust_clip,wd", [(True, None, 0.01), (True, None, 0.0),
                                                            (False, None, 0.01), (True, 0.5, 0.01)])
-def test_twenty_steps_match_reference(foreach, bias_correction, trust_clip, wd):
+def test_twenty_steps_match_reference(path, bias_correction, trust_clip, wd):
     lr, betas, eps = 0.02, (0.9, 0.99), 1e-6
     params = make_params()
     expected = reference_lamb(params, 20, lr, betas, eps, wd, bias_correction, trust_clip)
     opt = LAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=wd, bias_correction=bias_correction,
-               trust_clip=trust_clip, foreach=foreach)
+               trust_clip=trust_clip, foreach=path)
     run(opt, params, 20)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
@@ -90,29 +108,27 @@ def test_foreach_equals_loop():
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_zero_initialized_tensor_moves(foreach):
+def test_zero_initialized_tensor_moves(path):
     # ‖w‖ = 0 → r = 1: the first step is the plain Adam step -lr·m̂/(√v̂+eps) ≈ -lr·sign(g).
     w = torch.zeros(3, dtype=DT, requires_grad=True)
     g = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
-    opt = LAMB([w], lr=0.1, eps=1e-6, weight_decay=0.01, foreach=foreach)
+    opt = LAMB([w], lr=0.1, eps=1e-6, weight_decay=0.01, foreach=path)
     w.grad = g.clone()
     opt.step()
     torch.testing.assert_close(w.detach(), -0.1 * g / (g.abs() + 1e-6), rtol=1e-14, atol=0)
     # And over 20 steps alongside non-zero tensors it follows the reference.
     params = make_params(5, zero_first=True)
     expected = reference_lamb(params, 20, 0.02, (0.9, 0.999), 1e-6, 0.01)
-    run(LAMB(params, lr=0.02, foreach=foreach), params, 20)
+    run(LAMB(params, lr=0.02, foreach=path), params, 20)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_excluded_group_uses_ratio_one(foreach):
+def test_excluded_group_uses_ratio_one(path):
     params = make_params(7)
     groups = [{"params": [params[0], params[2]]},
               {"params": [params[1]], "weight_decay": 0.0, "exclude_from_adaptation": True}]
-    opt = LAMB(groups, lr=0.02, weight_decay=0.01, trust_clip=0.5, foreach=foreach)
+    opt = LAMB(groups, lr=0.02, weight_decay=0.01, trust_clip=0.5, foreach=path)
     expected = reference_lamb(params, 20, 0.02, (0.9, 0.999), 1e-6, 0.01, trust_clip=0.5,
                               excluded=(1,), wd_of={1: 0.0})
     run(opt, params, 20)
@@ -135,9 +151,8 @@ def test_excluded_group_matches_torch_adamw():
     torch.testing.assert_close(w, twin, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_state_dict_round_trip_continues_identically(foreach):
-    kw = dict(lr=0.03, betas=(0.9, 0.99), weight_decay=0.01, trust_clip=5.0, foreach=foreach)
+def test_state_dict_round_trip_continues_identically(path):
+    kw = dict(lr=0.03, betas=(0.9, 0.99), weight_decay=0.01, trust_clip=5.0, foreach=path)
     params = make_params(2)
     opt = LAMB(params, **kw)
     run(opt, params, 5)
@@ -214,3 +229,71 @@ def test_apex_impl_rejects_other_optimizers():
 
 def test_mixed_dtypes_in_one_group():
     assert_mixed_dtypes_agree(lambda ps, foreach: LAMB(ps, lr=0.1, weight_decay=0.01, foreach=foreach))
+
+
+def test_float32_paths_match_previous_implementation_and_float64_reference(path):
+    # The issue's bound: every path within 1e-6 (relative, per tensor) of the per-parameter loop, the
+    # implementation before the fast paths, after 20 float32 steps; and of the float64 reference.
+    params64 = make_params(3)
+    expected = reference_lamb(params64, 20, 0.02, (0.9, 0.999), 1e-6, 0.01)
+    runs = {}
+    for name, foreach in (("previous", False), ("this path", path)):
+        params = [p.detach().float().requires_grad_() for p in params64]
+        run(LAMB(params, lr=0.02, foreach=foreach), params, 20)
+        runs[name] = params
+    for p, q, e in zip(runs["this path"], runs["previous"], expected):
+        assert p.dtype == torch.float32
+        assert relative_error(p, q) < 1e-6
+        assert relative_error(p, e) < 1e-6
+
+
+def test_gradients_laid_out_unlike_params(path):
+    # A transposed gradient pairs with the parameter element by index, not by memory position: the
+    # fused kernels must not see it (they fall back), and the result is the reference's.
+    params = make_params(8)
+    expected = reference_lamb(params, 5, 0.02, (0.9, 0.999), 1e-6, 0.01)
+    opt = LAMB(params, lr=0.02, foreach=path)
+    for k in range(5):
+        for p, g in zip(params, grads_at(params, k)):
+            p.grad = g.mT.contiguous().mT if g.ndim == 2 else g
+        assert params[0].grad.stride() != params[0].stride()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
+
+
+def test_default_path_runs_the_native_kernel_on_one_thread(monkeypatch):
+    calls = []
+    real = lamb_kernel.lamb_step
+    monkeypatch.setattr(lamb_kernel, "lamb_step", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k)))
+    params = make_params(1)
+    groups = [{"params": params[:2]}, {"params": params[2:], "exclude_from_adaptation": True}]
+    with OneThread():
+        run(LAMB(groups, lr=0.02), params, 3)
+    assert calls == [2, 2, 2]  # one call per step for the adapted group; the excluded one is fused AdamW
+    run(LAMB(params, lr=0.02), params, 1)
+    if torch.get_num_threads() > 1:
+        assert calls == [2, 2, 2]  # several threads: torch's parallel kernels instead
+
+
+def test_native_kernel_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("BIGBATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lamb_kernel, "_tried", False)
+    monkeypatch.setattr(lamb_kernel, "_library", None)
+    params = make_params()
+    expected = reference_lamb(params, 3, 0.02, (0.9, 0.999), 1e-6, 0.01)
+    with OneThread(), pytest.warns(RuntimeWarning, match="native CPU kernel unavailable.*no-such-compiler"):
+        run(LAMB(params, lr=0.02), params, 3)
+    assert lamb_kernel.library() is None
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
+
+
+def test_native_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("BIGBATCH_CACHE_DIR", str(tmp_path))
+    lamb_kernel._load()
+    built = list((tmp_path / "native").glob("lamb_kernel-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(lamb_kernel, "_compile", lambda *a: pytest.fail("rebuilt a cached library"))
+    lamb_kernel._load()

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from bigbatch.optim.lars import LARS
-from tests.unit.optim_helpers import DT, NoisyQuadratic, assert_mixed_dtypes_agree, make_params
+from tests.unit.optim_helpers import (DT, NoisyQuadratic, OneThread, assert_mixed_dtypes_agree, make_params,
+                                      relative_error)
 
 PROBLEM = NoisyQuadratic(noise_seed=1000)
 grads_at, run = PROBLEM.grads_at, PROBLEM.run
+# None: the default path (tensor at a time on CPU); True: multi-tensor; False: the per-parameter loop
+FOREACH = [None, True, False]
 
 
 def reference_lars(params, steps, lr, momentum, weight_decay, tc, eps, nesterov, clip, excluded=(),
@@ -78,7 +81,7 @@ def test_clip_caps_local_lr_at_one():
     torch.testing.assert_close(w.detach(), torch.tensor([3.0, 3.9], dtype=DT), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("nesterov,clip,wd", [(False, False, 0.0), (False, False, 1e-3),
                                               (True, False, 1e-3), (False, True, 5e-4)])
 def test_twenty_steps_match_reference(foreach, nesterov, clip, wd):
@@ -102,7 +105,7 @@ def test_foreach_equals_loop(nesterov):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 def test_zero_initialized_tensor_moves_like_sgd(foreach):
     # ‖w‖ = 0 → local_lr = 1, so the first step is plain SGD: w = 0 - lr·g.
     w = torch.zeros(3, dtype=DT, requires_grad=True)
@@ -119,7 +122,7 @@ def test_zero_initialized_tensor_moves_like_sgd(foreach):
     torch.testing.assert_close(v.detach(), torch.tensor([1.0, 2.0], dtype=DT) * (1 - 0.1 * 1e-2))
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 def test_zero_init_in_twenty_step_reference(foreach):
     params = make_params(5, zero_first=True)
     expected = reference_lars(params, 20, 0.5, 0.9, 1e-3, 0.01, 1e-9, False, False)
@@ -131,7 +134,7 @@ def test_zero_init_in_twenty_step_reference(foreach):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 def test_excluded_group_uses_local_lr_one(foreach):
     # The vector (index 1) sits in an excluded group with its own weight_decay 0: local_lr = 1 for it,
     # the others keep the trust ratio and the default weight decay.
@@ -161,7 +164,7 @@ def test_excluded_group_matches_torch_sgd():
     torch.testing.assert_close(w, twin, rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 def test_state_dict_round_trip_continues_identically(foreach):
     kw = dict(lr=0.4, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01, nesterov=True,
               foreach=foreach)
@@ -180,7 +183,7 @@ def test_state_dict_round_trip_continues_identically(foreach):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", FOREACH)
 def test_norm_fn_hook_gives_whole_tensor_trust_ratio(foreach):
     """Shard a tensor in two; a norm_fn returning whole-tensor norms reproduces unsharded LARS."""
     gen = torch.Generator().manual_seed(4)
@@ -221,9 +224,9 @@ def test_norm_fn_hook_gives_whole_tensor_trust_ratio(foreach):
     assert calls and all(c == 2 for c in calls)  # [w, g] per tensor (one tensor per optimizer here)
 
 
-@pytest.mark.parametrize("foreach,expected_calls", [(True, [6]), (False, [2, 2, 2])])
+@pytest.mark.parametrize("foreach,expected_calls", [(None, [6]), (True, [6]), (False, [2, 2, 2])])
 def test_norm_fn_call_pattern(foreach, expected_calls):
-    # foreach: one call with params + grads of the bucket; loop: one call with [w, g] per tensor.
+    # default and foreach: one call with params + grads of the bucket; loop: [w, g] per tensor.
     params = make_params(1)
     calls = []
     opt = LARS(params, lr=0.1, foreach=foreach,
@@ -259,3 +262,23 @@ def test_float32_and_bad_arguments():
 
 def test_mixed_dtypes_in_one_group():
     assert_mixed_dtypes_agree(lambda ps, foreach: LARS(ps, lr=0.1, weight_decay=0.01, foreach=foreach))
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("nesterov,wd", [(False, 0.0), (True, 1e-3)])
+def test_float32_paths_match_previous_implementation_and_float64_reference(foreach, nesterov, wd):
+    # The issue's bound: within 1e-6 (relative, per tensor) of the per-parameter loop, the
+    # implementation before the fast paths, after 20 float32 steps; and of the float64 reference.
+    kw = dict(lr=0.7, momentum=0.9, weight_decay=wd, trust_coefficient=0.01, eps=1e-9, nesterov=nesterov)
+    params64 = make_params(3)
+    expected = reference_lars(params64, 20, 0.7, 0.9, wd, 0.01, 1e-9, nesterov, False)
+    runs = {}
+    with OneThread():
+        for name, mode in (("previous", False), ("this path", foreach)):
+            params = [p.detach().float().requires_grad_() for p in params64]
+            run(LARS(params, foreach=mode, **kw), params, 20)
+            runs[name] = params
+    for p, q, e in zip(runs["this path"], runs["previous"], expected):
+        assert p.dtype == torch.float32
+        assert relative_error(p, q) < 1e-6
+        assert relative_error(p, e) < 1e-6
