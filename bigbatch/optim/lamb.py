@@ -24,7 +24,8 @@ default path is the multi-tensor one.
 Speed (``benchmarks/optimizer_step.py``): the default path on CPU updates one tensor at a time with a
 fused C kernel (:mod:`bigbatch.optim.lamb_kernel`: one pass for m, v, u and both norms, one for w),
 or, where that cannot run, with torch's fused AdamW kernel writing the Adam direction into a scratch
-u that stays in cache. The multi-tensor path (accelerators, sharded ``norm_fn``) uses the same fused
+u that stays in cache. Both keep one scratch buffer the size of the largest tensor between steps (not
+in the state dict). The multi-tensor path (accelerators, sharded ``norm_fn``) uses the same fused
 AdamW kernel over the whole bucket; groups with r = 1 are plain fused AdamW.
 """
 
