@@ -197,14 +197,17 @@ class OuterOptimizerConfig(Section):
 
 
 class PseudoGradCompressionConfig(Section):
-    method: str = _f("none", "how pseudo-gradients travel: none, fp16, bf16, powersgd (a registered compressor)")
+    method: str = _f("none", "how pseudo-gradients travel: none, fp16, bf16, powersgd, int8, int4 (a registered "
+                     "compressor)")
     rank: int = _f(2, "powersgd: rank", gt=0)
     start_step: int = _f(0, "powersgd: plain all-reduce for this many outer steps", ge=0)
     min_compression_rate: float = _f(2.0, "powersgd: compress only tensors shrunk at least this much", gt=0)
-    error_feedback: bool = _f(True, "powersgd: carry the residual to the next outer step")
+    error_feedback: bool = _f(True, "powersgd, int8, int4: carry the residual to the next outer step")
     warm_start: bool = _f(True, "powersgd: reuse Q between outer steps")
     orthogonalization: Literal["gram_schmidt", "qr"] = _f("gram_schmidt", "powersgd: orthogonalization")
     seed: int = _f(0, "powersgd: seed of the initial Q")
+    block_size: int = _f(64, "int8, int4: elements per float32 scale; 0: one scale per row (first dimension)",
+                         ge=0)
 
 
 class DiLoCoConfig(Section):

@@ -140,9 +140,10 @@ def check_outer_optimizer_settings(settings: Mapping[str, Any]) -> None:
 
 
 def build_pseudo_grad_compressor(method: str = "none", **settings: Any) -> Compressor:
-    """The compressor for the outer all-reduce (`diloco.compression`): none | fp16 | bf16 | powersgd,
-    with PowerSGD's settings (rank, start_step, ...). PowerSGD's `start_step` counts outer steps
-    (fragment synchronisations under Streaming DiLoCo), not inner steps."""
+    """The compressor for the outer all-reduce (`diloco.compression`): none | fp16 | bf16 | powersgd |
+    int8 | int4, with PowerSGD's settings (rank, start_step, ...) and the quantizers' block_size.
+    PowerSGD's `start_step` counts outer steps (fragment synchronisations under Streaming DiLoCo),
+    not inner steps."""
     compressor_spec(method, "diloco.compression.method", pseudo_gradients=True)  # ValueError naming choices
     compressor = build_compressor(method, **settings)
     assert compressor is not None  # only torch_powersgd gives None

@@ -35,3 +35,13 @@ def test_bad_sync_delay_exits_2_naming_the_key(tmp_path):
     result = bigbatch("train", str(config), "--set", "diloco.sync_delay=2")
     assert result.returncode == 2
     assert "diloco.sync_delay: 2 must be below diloco.inner_steps // diloco.fragments = 6 // 3 = 2" in result.stderr
+
+
+def test_quantized_pseudo_gradients_are_diloco_only(tmp_path):
+    raw = diloco(tmp_path, compression={"method": "int4", "block_size": 0})
+    assert load_config(write_config(tmp_path / "ok.yaml", raw)).diloco.compression.block_size == 0
+    [problem] = problems_of(tmp_path, tiny_config(tmp_path, compression={"method": "int8"}))
+    assert problem.startswith("compression.method: 'int8' compresses DiLoCo pseudo-gradients only "
+                              "(diloco.compression.method); choose one of none, fp16, bf16, powersgd")
+    [problem] = problems_of(tmp_path, diloco(tmp_path, compression={"method": "int8", "block_size": -1}))
+    assert problem.startswith("diloco.compression.block_size")
