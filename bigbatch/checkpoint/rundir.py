@@ -34,7 +34,8 @@ RUN_FILE, LOCK_FILE, METRICS_FILE = "run.json", ".lock", "metrics.jsonl"
 # Keys that may change between a checkpoint and its resume: they change how long, what is logged
 # and where, not what the saved state means.
 MAY_CHANGE = ("run.name", "run.out_dir", "run.if_exists", "run.max_steps", "run.max_samples", "run.epochs",
-              "eval", "metrics", "checkpoint", "slurm", "distributed.timeout_s", "remat.measure_every_steps")
+              "eval", "metrics", "checkpoint", "slurm", "distributed.timeout_s", "remat.measure_every_steps",
+              "data.prefetch")  # prefetching changes when batches are read, not which
 _UNSET = "(unset)"
 _NOT_SHOWN = ("checkpoint.resume", "checkpoint.allow_config_change")  # how to resume, not what
 

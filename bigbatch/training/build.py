@@ -12,7 +12,9 @@ import torch
 from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters, RNGState
 from bigbatch.config import Config, ConfigError, GuardConfig
+from bigbatch.data.prefetch import step_batches
 from bigbatch.data.registry import build_data
+from bigbatch.data.rules import BUILTIN_DATA
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.builders import build_strategy
 from bigbatch.distributed.ddp import SingleProcess
@@ -130,6 +132,13 @@ def loss_read_every(cfg: Config, strategy: Strategy) -> int:
     return cfg.metrics.log_every_steps
 
 
+def wants_prefetch(cfg: Config) -> bool:
+    """data.prefetch, by default on for the built-in datasets: their batch() is a pure read. A custom
+    split could draw random numbers (augmentation) from torch's global generator, and from a second
+    thread those draws would interleave with the training thread's: resume would no longer be exact."""
+    return cfg.data.prefetch if cfg.data.prefetch is not None else cfg.data.name in BUILTIN_DATA
+
+
 def wire_states(strategy: Strategy, model, optimizer, noise, **more: Any) -> tuple[dict, dict, list]:
     """What the checkpoint holds once (replicated) and per rank, and the after-step metrics hooks
     (the loop runs the strategy's own `after_step`, DiLoCo's outer step, before them).
@@ -201,4 +210,5 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
         precision=cfg.precision, guard=guard, counters=counters, after_step=after_step,
         loss_fn=loss_function(cfg.model.loss) or task_loss, throughput=throughput,
-        activation_every=cfg.remat.measure_every_steps, loss_every=loss_read_every(cfg, strategy))
+        activation_every=cfg.remat.measure_every_steps, loss_every=loss_read_every(cfg, strategy),
+        batches=step_batches(data.train, sampler, runtime.device, wants_prefetch(cfg)))

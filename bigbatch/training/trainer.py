@@ -15,6 +15,7 @@ from bigbatch.checkpoint.manager import CheckpointManager
 from bigbatch.checkpoint.stateful import Counters
 from bigbatch.config import EvalConfig, split_batch
 from bigbatch.data.base import DataBundle
+from bigbatch.data.prefetch import StepBatches, StepKey
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.strategy import Strategy
 from bigbatch.training.evaluate import evaluate, task_loss
@@ -79,10 +80,13 @@ class Trainer:
     # reduces them all in one collective and one host sync every N steps (flush_losses).
     loss_every: int = 1
     _unwritten: list[dict] = field(default_factory=list)  # rows whose loss is still on the device
+    batches: StepBatches | None = None  # a step's micro-batches (PrefetchingBatches gathers ahead)
     loss_fn: Callable = task_loss          # (outputs, targets) -> mean loss; model.loss names another
     throughput: Callable[[dict], dict] | None = None  # a step row -> tokens/s, MFU (metrics.Throughput)
 
     def __post_init__(self) -> None:
+        if self.batches is None:
+            self.batches = StepBatches(self.data.train, self.sampler, self.runtime.device)
         hooks = getattr(self.checkpointer, "before_save", None)
         if hooks is not None:  # a checkpoint never points past metrics rows that are not on disk
             hooks += [self.flush_losses, self.metrics.sync]
@@ -98,6 +102,8 @@ class Trainer:
             self.flush_losses()
             self.diverged = str(err)
             return {"loss": self.last_loss}
+        finally:
+            self.batches.close()
         if self.stopped_early:
             return row
         self.maybe_evaluate(final=True)
@@ -145,10 +151,10 @@ class Trainer:
         `loss_every` > 1 this rank's mean loss as a device tensor (reduced later by flush_losses)."""
         model = self.strategy.model
         micro, accum = split_batch(batch, self.runtime.world_size, self.micro_batch)
-        indices = self.sampler.rank_indices(self.counters.samples, batch)
+        batches = self.batches.take(StepKey(self.counters.samples, batch, micro))
+        self.gather_next(batch)
         loss_sum = torch.zeros((), device=self.runtime.device)
-        for i, chunk in enumerate(indices.split(micro)):
-            x, y = (t.to(self.runtime.device) for t in self.data.train.batch(chunk))
+        for i, (x, y) in enumerate(batches):
             with self.strategy.sync_context(last_micro_step=i == accum - 1), self.autocast():
                 with self.activation_meter(i):
                     loss = self.loss_fn(model(x), y)
@@ -161,6 +167,19 @@ class Trainer:
         mean_loss = self.strategy.all_reduce_mean(loss_sum / accum).item()
         self.last_loss = mean_loss
         return mean_loss, self.guard.check(mean_loss, self.counters.step + 1)
+
+    def gather_next(self, batch: int) -> None:
+        """Names the step expected after this one, so that its batches are gathered while this one runs.
+        A guess: if the batch changes meanwhile (adaptive batch, rollback) that step is gathered anew."""
+        start, step = self.counters.samples + batch, self.counters.step + 1
+        if start >= self.total_samples or (self.max_steps is not None and step >= self.max_steps):
+            return
+        following = self.batch_at(start)
+        try:
+            micro, _ = split_batch(following, self.runtime.world_size, self.micro_batch)
+        except ValueError:  # an unusable batch fails at its own step, not at the guess
+            return
+        self.batches.ahead(StepKey(start, following, micro))
 
     def backward_loss(self, loss: torch.Tensor, accum: int) -> torch.Tensor:
         """loss / accum: the mean over the rank's share of the global batch. When the loss is not read
