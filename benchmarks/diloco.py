@@ -67,7 +67,10 @@ removed when the benchmark ends, fails or is interrupted, and the benchmark refu
 bb-* cluster already exists (someone else's). `--loopback` runs the ranks on 127.0.0.1 instead.
 
 Rows (default; about 41 minutes on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=50 with fp16
-and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows.
+and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows,
+among them (not measured yet) streaming DiLoCo at k=2, H=50: P = 2 and 4 fragments x tau = 0, 1, 5
+(`k2 DiLoCo H50 P4 tau1`; mixing 0), and int8 / int4 pseudo-gradients (`k2 DiLoCo H50 int8`,
+`... int4`, `... P4 tau5 int4`).
 
 Columns (bytes are per rank: the payload rank 0 handed to its collectives, summed over every
 metrics row; a ring all-reduce puts about 2(k-1)/k times that on the wire):
@@ -105,6 +108,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
 from benchmarks.netns_ranks import (NETNS_RUN, emulated_network, interruptible,  # noqa: E402
                                     netns_problem, run_processes)
+from bigbatch.distributed.rules import diloco_cycle_problems  # noqa: E402
 from bigbatch.testing import free_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -118,19 +122,24 @@ LOSS_GOAL, BYTES_GOAL, BYTES_GOAL_FP16 = 0.02, 50.0, 100.0
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: DDP, or DiLoCo with k replicas, H inner steps and a pseudo-gradient codec."""
+    """One table row: DDP, or DiLoCo with k replicas, H inner steps and a pseudo-gradient codec,
+    optionally streaming (P fragments, each exchange started tau steps before it is applied)."""
 
     k: int
     inner_steps: int | None = None  # None: DDP
-    compression: str = "none"  # none | fp16 | powersgd (DiLoCo's pseudo-gradients)
+    compression: str = "none"  # none | fp16 | powersgd | int8 | int4 (DiLoCo's pseudo-gradients)
     powersgd_rank: int = 4
+    fragments: int = 1  # diloco.fragments (P)
+    sync_delay: int = 0  # diloco.sync_delay (tau)
 
     @property
     def label(self) -> str:
         if self.inner_steps is None:
             return f"k{self.k} DDP"
-        codec = {"none": "", "fp16": " fp16", "powersgd": f" PowerSGD r{self.powersgd_rank}"}
-        return f"k{self.k} DiLoCo H{self.inner_steps}{codec[self.compression]}"
+        codec = {"none": "", "fp16": " fp16", "powersgd": f" PowerSGD r{self.powersgd_rank}", "int8": " int8",
+                 "int4": " int4"}
+        streaming = f" P{self.fragments} tau{self.sync_delay}" if self.fragments > 1 or self.sync_delay else ""
+        return f"k{self.k} DiLoCo H{self.inner_steps}{streaming}{codec[self.compression]}"
 
     @property
     def slug(self) -> str:
@@ -163,6 +172,10 @@ QUICK = Setup(n_layer=1, n_head=2, d_model=32, seq_len=16, global_batch=8, steps
 FULL_ROWS = (Row(2), Row(2, 10), Row(2, 50), Row(2, 100), Row(2, 50, "fp16"), Row(2, 50, "powersgd"),
              Row(4), Row(4, 50), Row(4, 50, "fp16"))
 EXTRA_ROWS = (Row(2, 100, "fp16"), Row(2, 100, "powersgd"), Row(4, 10), Row(4, 100), Row(4, 50, "powersgd"))
+# Streaming DiLoCo (issue 17; not run yet): P fragments x tau, mixing 0, and int8/int4 pseudo-gradients
+# (blocks of 64, error feedback). Ask for them with --rows; each is about 4 minutes.
+STREAMING_ROWS = (*(Row(2, 50, fragments=p, sync_delay=tau) for p in (2, 4) for tau in (0, 1, 5)),
+                  Row(2, 50, "int8"), Row(2, 50, "int4"), Row(2, 50, "int4", fragments=4, sync_delay=5))
 QUICK_ROWS = (Row(2), Row(2, 5, "fp16"))
 
 
@@ -220,7 +233,8 @@ def run_config(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path) ->
             "replicas": row.k, "inner_steps": row.inner_steps,
             "outer_optimizer": {"name": "sgd", "lr": setup.outer_lr, "momentum": setup.outer_momentum,
                                 "nesterov": True},
-            "compression": {"method": row.compression, "rank": row.powersgd_rank}}
+            "compression": {"method": row.compression, "rank": row.powersgd_rank},
+            "fragments": row.fragments, "sync_delay": row.sync_delay}
     return raw
 
 
@@ -237,6 +251,9 @@ def check_rows(setup: Setup, rows: Sequence[Row]) -> None:
                              f"({setup.eval_every}) and --steps ({setup.steps}); change --steps or the rows")
         if setup.global_batch % row.k:
             raise ValueError(f"{row.label}: the global batch {setup.global_batch} must split over k={row.k}")
+        if h is not None:
+            for problem in diloco_cycle_problems(h, row.fragments, row.sync_delay):
+                raise ValueError(f"{row.label}: {problem}")
 
 
 def write_config(runs_dir: Path, row: Row, raw: dict) -> Path:
@@ -362,7 +379,8 @@ def goal_lines(table: Sequence[dict], setup: Setup) -> list[str]:
     """The two goals per k, with what was measured (met or not) and the outer-step count behind it."""
     lines = []
     for t in table:
-        if t["inner_steps"] != 50 or t["compression"] not in ("none", "fp16") or "loss_gap" not in t:
+        if (t["inner_steps"] != 50 or t["compression"] not in ("none", "fp16") or "loss_gap" not in t
+                or t.get("fragments", 1) > 1 or t.get("sync_delay", 0)):
             continue
         need = BYTES_GOAL if t["compression"] == "none" else BYTES_GOAL_FP16
         loss_ok, bytes_ok = t["loss_gap"] <= LOSS_GOAL, t["sync_fewer"] >= need
@@ -443,7 +461,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"sequences per step over all ranks (default {FULL.global_batch})")
     parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
                         help=f"rows to run (default: {', '.join(r.label for r in FULL_ROWS)}; also "
-                             f"{', '.join(r.label for r in EXTRA_ROWS)})")
+                             f"{', '.join(r.label for r in EXTRA_ROWS + STREAMING_ROWS)})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"AdamW peak lr of every row: DDP's, and DiLoCo's inner (default {FULL.lr})")
     parser.add_argument("--outer-lr", type=float, default=None, help=f"DiLoCo outer SGD lr (default {FULL.outer_lr})")
@@ -461,7 +479,7 @@ def choose(args: argparse.Namespace) -> tuple[Setup, list[Row], str | None]:
                ("outer_lr", args.outer_lr), ("outer_momentum", args.outer_momentum))
     changes = {key: value for key, value in options if value is not None}
     setup = replace(setup, **changes)
-    known = {row.label: row for row in FULL_ROWS + EXTRA_ROWS + QUICK_ROWS}
+    known = {row.label: row for row in FULL_ROWS + EXTRA_ROWS + STREAMING_ROWS + QUICK_ROWS}
     unknown = [label for label in args.rows or () if label not in known]
     if unknown:
         raise ValueError(f"--rows: unknown {unknown}; choose from {list(known)}")
