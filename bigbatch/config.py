@@ -97,6 +97,8 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = _f({}, "extra keyword arguments for a custom model class")
     loss: str = _f("cross_entropy", "training loss: cross_entropy, or 'pkg.module:fn' called as "
                    "fn(outputs, targets) -> mean loss (an nn.Module class is instantiated without arguments)")
+    compile: bool = _f(False, "torch.compile the model (inductor; needs a C compiler on CPU); state-dict keys "
+                       "and checkpoints stay those of the eager model")
 
 
 class LRScalingConfig(Section):

@@ -17,7 +17,7 @@ from bigbatch.config import Config, ConfigError, parse_config, read_raw_config
 from bigbatch.data.rules import data_problems
 from bigbatch.distributed.rules import parallel_problems, parallel_world_problems
 from bigbatch.metrics import peak_flops_problems
-from bigbatch.models.rules import model_problems
+from bigbatch.models.rules import compile_problems, model_problems
 from bigbatch.optim.rules import batch_world_problems, optim_problems
 from bigbatch.slurm.render import sbatch_option_problems
 
@@ -25,7 +25,7 @@ from bigbatch.slurm.render import sbatch_option_problems
 def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     """Every rule; those that depend on the number of ranks only when `world_size` is given."""
     problems = _run_problems(cfg) + data_problems(cfg.data) + model_problems(cfg.model)
-    problems += run_name_problems(cfg.run)
+    problems += run_name_problems(cfg.run) + compile_problems(cfg)
     problems += peak_flops_problems(cfg.metrics.peak_flops)
     problems += optim_problems(cfg) + parallel_problems(cfg) + sbatch_option_problems(cfg.slurm)
     if world_size is not None:

@@ -182,6 +182,11 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     seed_everything(cfg.run.seed)  # same init on every rank
     data = build_data(cfg.data, cfg.run.seed)
     model = apply_remat(build_model(cfg.model, data), cfg.remat.policy, cfg.remat.k).to(runtime.device)
+    if cfg.model.compile:
+        # In place (nn.Module.compile), before any wrapper: state-dict keys keep their eager names (no
+        # `_orig_mod.` prefix), so checkpoints load into eager and compiled runs alike, and DDP, FSDP2
+        # and DiLoCo wrap and step the same parameters. Compilation happens at the first forward.
+        model.compile()
     seed_everything(cfg.run.seed + 1000 * runtime.rank)  # per-rank dropout streams
     strategy = build_strategy(cfg, model, runtime)
     optimizer = strategy.build_optimizer(cfg.optim)  # sharding decides what the optimizer steps
