@@ -35,7 +35,7 @@ RUN_FILE, LOCK_FILE, METRICS_FILE = "run.json", ".lock", "metrics.jsonl"
 # and where, not what the saved state means.
 MAY_CHANGE = ("run.name", "run.out_dir", "run.if_exists", "run.max_steps", "run.max_samples", "run.epochs",
               "eval", "metrics", "checkpoint", "slurm", "distributed.timeout_s", "remat.measure_every_steps",
-              "data.prefetch")  # prefetching changes when batches are read, not which
+              "data.prefetch", "model.compile")  # when batches are read, how forward runs: not what is saved
 _UNSET = "(unset)"
 _NOT_SHOWN = ("checkpoint.resume", "checkpoint.allow_config_change")  # how to resume, not what
 
@@ -387,6 +387,12 @@ def _open_run(cfg: Any, runtime: Any, checkpointer: Any) -> dict | None:
         raise
     if claim is not None:
         claim.started(cfg.digest())
+    if runtime.distributed:
+        # Rank 0 writes metrics rows as soon as it trains (the first batch event precedes any
+        # collective): a slower rank still checking for an earlier run's rows would find them.
+        import torch.distributed as dist
+
+        dist.barrier()
     return meta
 
 
