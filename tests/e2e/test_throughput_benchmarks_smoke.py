@@ -29,7 +29,7 @@ def test_prefetch_benchmark_quick(tmp_path):
     rows = quick("prefetch.py", tmp_path)
     assert set(rows) == {"cold", "warm"}
     for steps, off, on, ratio in rows.values():
-        assert steps == 2 and off > 0 and on > 0 and ratio == pytest.approx(off / on, abs=0.01)
+        assert steps == 2 and off > 0 and on > 0 and ratio == pytest.approx(off / on, rel=0.1)  # ms printed to 0.1
 
 
 @pytest.mark.slow  # compiles two models with inductor
@@ -38,4 +38,4 @@ def test_compile_benchmark_quick(tmp_path):
     assert set(rows) == {"mlp", "gpt"}
     for steps, eager, compiled, ratio, compile_s in rows.values():
         assert steps == 2 and eager > 0 and compiled > 0 and compile_s > 0
-        assert ratio == pytest.approx(compiled / eager, abs=0.01)
+        assert ratio == pytest.approx(compiled / eager, rel=0.1)  # ms to 0.1
