@@ -202,6 +202,7 @@ def train(raw: dict) -> tuple[Optional[int], float, float]:
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer = build_trainer(cfg, Runtime(0, 1, 0, torch.device("cpu"), None))
     trainer.after_step.append(stop_on_divergence)
+    trainer.loss_every = 1  # stop_on_divergence reads each step's loss (without the guard it is read every N)
     diverged_at = None
     try:
         trainer.fit()

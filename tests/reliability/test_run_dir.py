@@ -111,7 +111,10 @@ def test_auto_resume_keeps_the_run_id_and_has_no_duplicate_steps(used_run):
 
 def test_a_restart_before_the_first_checkpoint_drops_its_own_rows(tmp_path):
     model = {"name": "tests.custom_components:DyingMLP", "kwargs": {"d_in": 8, "classes": 3, "die_at": 3}}
-    raw = tiny_config(tmp_path, run={"max_steps": 6}, model=model, checkpoint={"every_steps": 5})
+    # rows reach the disk every log_every_steps steps (the loss is read then): with 2, steps 1 and 2
+    # are on disk when step 3 dies
+    raw = tiny_config(tmp_path, run={"max_steps": 6}, model=model, checkpoint={"every_steps": 5},
+                      metrics={"log_every_steps": 2})
     killed = bigbatch("train", str(write_config(tmp_path / "c.yaml", raw)))
     assert killed.returncode != 0
     run_dir = tmp_path / "runs" / "tiny"
