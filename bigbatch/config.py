@@ -261,6 +261,22 @@ class GuardConfig(Section):
                                         "stops as diverged (exit 3); checked even when the guard is off", ge=1)
 
 
+class EMAConfig(Section):
+    enabled: bool = _f(False, "keep an average of the weights (float32, beside the model), checkpointed and "
+                       "evaluated (bigbatch.training.averaging)")
+    kind: Literal["ema", "swa"] = _f("ema", "ema: exponential moving average; swa: equal-weight mean of the "
+                                     "weights from start_samples on")
+    decay: float = _f(0.999, "ema: weight of the old average at each update (1 - decay mixes in the weights)",
+                      gt=0, lt=1)
+    debias: bool = _f(False, "ema: Adam-style bias correction (update n mixes in (1 - decay) / (1 - decay^n)); "
+                      "off: the first update copies the weights")
+    every_steps: int = _count(1, "update after every N-th optimizer step (diloco: every N-th outer "
+                              "synchronisation); skipped steps never update", gt=0)
+    start_samples: int = _count(0, "first update after the step that reaches this many samples", ge=0)
+    eval_with_ema: bool = _f(True, "evaluate with the averaged weights (val_*), the raw ones logged as "
+                             "val_*_raw")
+
+
 class EvalConfig(Section):
     every_steps: Optional[int] = _f(None, "evaluate every this many steps", gt=0)
     at_end: bool = _f(True, "evaluate when training ends")
@@ -322,6 +338,7 @@ class Config(Section):
     remat: RematConfig = _f(RematConfig(), "activation rematerialization")
     checkpoint: CheckpointConfig = _f(CheckpointConfig(), "checkpoints and resume")
     guard: GuardConfig = _f(GuardConfig(), "loss-spike guard")
+    ema: EMAConfig = _f(EMAConfig(), "weight averaging: EMA or SWA of the weights")
     eval: EvalConfig = _f(EvalConfig(), "held-out evaluation")
     metrics: MetricsConfig = _f(MetricsConfig(), "metrics sinks and progress display")
     slurm: SlurmConfig = _f(SlurmConfig(), "Slurm submission (bigbatch submit)")

@@ -20,6 +20,7 @@ from bigbatch.metrics import peak_flops_problems
 from bigbatch.models.rules import compile_problems, model_problems
 from bigbatch.optim.rules import batch_world_problems, optim_problems
 from bigbatch.slurm.render import sbatch_option_problems
+from bigbatch.training.rules import averaging_problems
 
 
 def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
@@ -27,6 +28,7 @@ def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     problems = _run_problems(cfg) + data_problems(cfg.data) + model_problems(cfg.model)
     problems += run_name_problems(cfg.run) + compile_problems(cfg)
     problems += peak_flops_problems(cfg.metrics.peak_flops)
+    problems += averaging_problems(cfg)
     problems += optim_problems(cfg) + parallel_problems(cfg) + sbatch_option_problems(cfg.slurm)
     if world_size is not None:
         problems += world_problems(cfg, world_size)

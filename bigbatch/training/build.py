@@ -32,6 +32,7 @@ from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor
 from bigbatch.optim.rules import adaptive_granularity
 from bigbatch.memory.remat import apply_remat
+from bigbatch.training.averaging import build_weight_average
 from bigbatch.training.evaluate import task_loss
 from bigbatch.training.trainer import Trainer
 from bigbatch.validate import validate
@@ -200,13 +201,15 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
     counters, guard = Counters(), build_guard(cfg.guard)
     progress = Progress(cfg.metrics.progress, total, cfg.metrics.log_every_steps, active=runtime.is_main)
     throughput = build_throughput(cfg, data, model, runtime, progress.write)
+    averaging, sharded = build_weight_average(cfg.ema, strategy), strategy.sharded_checkpoint(optimizer)
+    # The average's entries: replicated.pt, its tensors in step-N/dcp/ under zero2/zero3 (sharded).
     replicated, per_rank, after_step = wire_states(strategy, model, optimizer, noise, counters=counters,
-                                                   sampler=sampler, guard=guard)
+                                                   sampler=sampler, guard=guard,
+                                                   **averaging.checkpoint_states(sharded))
     checkpointer = CheckpointManager(
         cfg.checkpoint, cfg.run_dir, runtime, replicated=replicated, per_rank=per_rank,
         meta_extra={"strategy": cfg.distributed.strategy, "config_hash": cfg.digest()},
-        config_text=cfg.to_yaml(), log=progress.write,
-        sharded=strategy.sharded_checkpoint(optimizer))
+        config_text=cfg.to_yaml(), log=progress.write, sharded=sharded)
     return Trainer(
         runtime=runtime, strategy=strategy, optimizer=optimizer, data=data, sampler=sampler,
         batch_at=batch_at, lr_at=LRPolicy(cfg, total), micro_batch=cfg.batch.micro_batch,
@@ -214,6 +217,6 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         metrics=MetricsWriter(cfg.run_dir, runtime.is_main, cfg.metrics.tensorboard),
         progress=progress, eval_cfg=cfg.eval, checkpointer=checkpointer, grad_clip=cfg.optim.grad_clip,
         precision=cfg.precision, guard=guard, counters=counters, after_step=after_step,
-        loss_fn=loss_function(cfg.model.loss) or task_loss, throughput=throughput,
+        loss_fn=loss_function(cfg.model.loss) or task_loss, throughput=throughput, averaging=averaging,
         activation_every=cfg.remat.measure_every_steps, loss_every=loss_read_every(cfg, strategy),
         batches=step_batches(data.train, sampler, runtime.device, wants_prefetch(cfg)))

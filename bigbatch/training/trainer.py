@@ -18,6 +18,7 @@ from bigbatch.data.base import DataBundle
 from bigbatch.data.prefetch import StepBatches, StepKey
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.strategy import Strategy
+from bigbatch.training.averaging import NoAverage, WeightAverage
 from bigbatch.training.evaluate import evaluate, task_loss
 from bigbatch.training.guard import Diverged, GuardAction, NonFiniteSkips, NullGuard
 from bigbatch.launch.runtime import Runtime
@@ -83,6 +84,7 @@ class Trainer:
     batches: StepBatches | None = None  # a step's micro-batches (PrefetchingBatches gathers ahead)
     loss_fn: Callable = task_loss          # (outputs, targets) -> mean loss; model.loss names another
     throughput: Callable[[dict], dict] | None = None  # a step row -> tokens/s, MFU (metrics.Throughput)
+    averaging: WeightAverage | NoAverage = field(default_factory=NoAverage)  # ema: EMA/SWA of the weights
 
     def __post_init__(self) -> None:
         if self.batches is None:
@@ -137,6 +139,8 @@ class Trainer:
             self.counters.samples += batch
             # every step, taken or skipped: DiLoCo counts it and runs its outer step when due
             outer = self.strategy.after_step()
+            # after the outer step: under DiLoCo the average follows the global weights it updates
+            self.averaging.after_step(self.counters.step, self.counters.samples, action is GuardAction.OK)
             step_time, timer = time.perf_counter() - timer, time.perf_counter()
             row = self.log_step(loss, lr, batch, grad_norm, step_time, skipped=action is not GuardAction.OK,
                                 extra=outer)
@@ -265,13 +269,15 @@ class Trainer:
                             f"x {micro}; peak lr {event['peak_lr']:.4g}")
 
     @contextlib.contextmanager
-    def evaluation_weights(self):
-        """Schedule-free optimizers evaluate at their averaged point x, not at the training point y."""
+    def evaluation_weights(self, averaged: bool = False):
+        """Schedule-free optimizers evaluate at their averaged point x, not at the training point y;
+        `averaged` swaps in the weight average (ema:) inside that, and the weights back after."""
         switch = callable(getattr(self.optimizer, "eval", None))
         if switch:
             self.optimizer.eval()
         try:
-            yield
+            with self.averaging.swapped_in(self.strategy.module) if averaged else contextlib.nullcontext():
+                yield
         finally:
             if switch:
                 self.optimizer.train()
@@ -333,10 +339,17 @@ class Trainer:
         if not due or (final and self.last_eval.get("step") == step):
             return
         self.flush_losses()
-        with self.evaluation_weights():
-            result = evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
-                              self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
-                              self.eval_cfg.max_batches, self.runtime.device, self.autocast, self.loss_fn)
+        result = self.evaluate_with(averaged=False)
+        if self.averaging.eval_with_average:  # val_* from the averaged weights, val_*_raw from the model's
+            averaged = self.evaluate_with(averaged=True) if self.averaging.count else result
+            result = {**averaged, **{f"{key}_raw": value for key, value in result.items()},
+                      "weight_average_updates": self.averaging.count}
         self.last_eval = {"step": step, "samples": self.counters.samples, **result}
         self.metrics.write({"kind": "eval", **self.last_eval}, prefix="eval")
         self.progress.write("eval " + "  ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))
+
+    def evaluate_with(self, averaged: bool) -> dict:
+        with self.evaluation_weights(averaged):
+            return evaluate(self.strategy.model, self.data.val, self.data.task, self.strategy,
+                            self.runtime.rank, self.runtime.world_size, self.eval_cfg.batch_size,
+                            self.eval_cfg.max_batches, self.runtime.device, self.autocast, self.loss_fn)
