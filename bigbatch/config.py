@@ -110,11 +110,11 @@ class LRScalingConfig(Section):
 
 class OptimConfig(Section):
     name: str = _f("sgd", "optimizer, registered in bigbatch.optim.registry: sgd, adam, adamw, adagrad, "
-                   "rmsprop, lars, lamb, lion, schedule_free_adamw")
+                   "rmsprop, lars, lamb, lion, schedule_free_adamw, muon")
     lr: float = _f(0.1, "base LR (at lr_scaling.base_batch)", gt=0)
     weight_decay: float = _f(0.0, "weight decay", ge=0)
-    momentum: float = _f(0.9, "sgd/lars/rmsprop momentum", ge=0, lt=1)
-    nesterov: bool = _f(False, "sgd/lars: Nesterov momentum")
+    momentum: float = _f(0.9, "sgd/lars/rmsprop/muon momentum", ge=0, lt=1)
+    nesterov: bool = _f(False, "sgd/lars/muon: Nesterov momentum")
     betas: tuple[Fraction, Fraction] = _f((0.9, 0.999), "adam-family betas, each in [0, 1)")
     eps: Optional[float] = _f(None, "epsilon (default: the optimizer's own)", gt=0)
     decay_norm_and_bias: bool = _f(False, "also apply weight decay (and LARS/LAMB adaptation) to biases and norms")
@@ -122,6 +122,8 @@ class OptimConfig(Section):
     trust_coefficient: float = _f(0.001, "lars: trust coefficient", gt=0)
     lars_clip: bool = _f(False, "lars: LARC clipping mode")
     trust_clip: Optional[float] = _f(None, "lamb: upper bound of the trust ratio", gt=0)
+    muon_ns_steps: int = _f(5, "muon: Newton-Schulz iterations orthogonalizing each hidden matrix's update",
+                            ge=1)
     impl: Literal["torch", "apex"] = _f("torch", "torch (ours) or apex fused kernels (CUDA only)")
     foreach: Optional[bool] = _f(None, "multi-tensor kernels (default: the optimizer's choice)")
     lr_scaling: LRScalingConfig = _f(LRScalingConfig(), "LR scaling rule")

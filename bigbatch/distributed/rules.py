@@ -58,6 +58,11 @@ def deepspeed_problems(strategy: str, stage: int, optimizer_name: str) -> list[s
             f"ratio, but DeepSpeed ZeRO stage {stage} hands the optimizer flat partitions that cut across "
             "tensors (DeepSpeed issue #490), so the ratios would be wrong; use distributed.strategy zero2 "
             "or zero3 (FSDP, exact whole-tensor norms), deepspeed.stage 0, or an Adam-family optimizer")
+    if spec is not None and spec.whole_matrices:
+        # ZeRO >= 1 hands the optimizer flat partitions cutting across matrices; stage 0 is untested.
+        problems.append(f"optim.name: {optimizer_name} orthogonalizes each whole weight matrix, which bigbatch "
+                        "supports under ddp, zero1, zero2 and zero3 but not under DeepSpeed (ZeRO's flat "
+                        "partitions cut across matrices); set distributed.strategy to ddp, zero1, zero2 or zero3")
     if stage >= 1 and spec is not None and spec.swaps_eval_weights:
         problems.append(f"optim.name: {optimizer_name} swaps the weights it evaluates at, but under "
                         f"DeepSpeed ZeRO stage {stage} it holds flat fp32 partitions, not the model's "

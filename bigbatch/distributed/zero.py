@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch.distributed.ddp import CommReductions, DDPStrategy, SingleProcess
-from bigbatch.optim.factory import optimizer_builder, param_groups
+from bigbatch.optim.factory import optimizer_builder, optimizer_param_groups
 from bigbatch.optim.lars import local_norms
 from bigbatch.distributed.rules import DEEPSPEED_STAGES, deepspeed_problems, zero_problems
 from bigbatch.optim.registry import optimizer_spec
@@ -49,7 +49,7 @@ DCP_DIR = "dcp"  # sharded states live in step-N/dcp/
 # ------------------------------------------------------------------------------ optimizer building
 
 def model_param_groups(model: nn.Module, optim_cfg: Any) -> list[dict]:
-    return param_groups(model, optim_cfg.weight_decay, optim_cfg.decay_norm_and_bias)
+    return optimizer_param_groups(model, optim_cfg)
 
 
 def build_zero1_optimizer(model: nn.Module, optim_cfg: Any, process_group: Any = None):

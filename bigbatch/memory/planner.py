@@ -27,7 +27,10 @@ Optimizer state bytes per parameter (`optimizer_state_bytes`, from each registra
 momentum), adam/adamw/lamb 8 (first and second moments), adagrad 4 (sum of squares), rmsprop 4
 (+4 with momentum), lars 4 (momentum), lion 4 (one moment), schedule_free_adamw 8 (z and the second
 moment; the issue's 12 counts the copy of y that `eval()` keeps with exact_restore, which exists
-only while evaluating, when no activations are held, so it is not part of the training peak).
+only while evaluating, when no activations are held, so it is not part of the training peak),
+muon 4 for hidden matrices (momentum; `hidden_matrix_params`: 12·d² a GPT block) and 8 for the
+AdamW rest (embeddings, head, biases, norms). Muon under zero2/zero3 also gathers one whole
+matrix's update at a time for Newton–Schulz (a few × the largest matrix, transient, not counted).
 
 Activations (per rank, micro-batch b): saved + working set
 ----------------------------------------------------------
@@ -112,6 +115,17 @@ def optimizer_state_bytes(name: str, momentum: float = 0.9) -> int:
     return optimizer_spec(name).state_bytes_per_param(momentum)
 
 
+def model_optimizer_bytes(spec: "ModelSpec", name: str, momentum: float = 0.9) -> int:
+    """Optimizer state of the whole model: per-parameter bytes × n, except for optimizers whose hidden
+    matrices keep other state than the rest (muon: 4 B there, 8 B elsewhere)."""
+    opt = optimizer_spec(name)
+    total = opt.state_bytes_per_param(momentum) * spec.n_params
+    if opt.hidden_matrix_state_bytes is None:
+        return total
+    hidden = spec.hidden_matrix_params
+    return total + (opt.hidden_matrix_state_bytes - opt.state_bytes_per_param(momentum)) * hidden
+
+
 def _precision_bytes(precision: str) -> tuple[int, int]:
     """(residual-stream bytes, matmul-operand bytes) under `precision`."""
     if precision not in PRECISIONS:
@@ -153,6 +167,9 @@ class ModelSpec(Protocol):
     @property
     def max_block_params(self) -> int: ...
 
+    @property
+    def hidden_matrix_params(self) -> int: ...  # what Muon orthogonalizes (bigbatch.optim.muon)
+
     def activations(self, policy: str, k: int, precision: str) -> ActivationEstimate: ...
 
 
@@ -188,6 +205,10 @@ class GPTSpec:
     @property
     def max_block_params(self) -> int:
         return self.block_params
+
+    @property
+    def hidden_matrix_params(self) -> int:
+        return self.n_layer * 12 * self.d_model ** 2  # qkv, proj, fc1, fc2; embeddings/head are AdamW's
 
     @property
     def n_params(self) -> int:
@@ -271,6 +292,12 @@ class MeasuredSpec:
     def max_block_params(self) -> int:
         return max(self._block_params(), default=0)
 
+    @property
+    def hidden_matrix_params(self) -> int:
+        from bigbatch.optim.muon import hidden_matrix_params
+
+        return hidden_matrix_params(self.model)
+
     def _block_params(self) -> list[int]:
         blocks = getattr(self.model, "blocks", [])
         return [sum(p.numel() for p in block.parameters()) for block in blocks]
@@ -335,10 +362,12 @@ class RankState:
 
 
 def rank_state(strategy: str, spec: ModelSpec, world_size: int, state_bytes_per_param: int,
-               ddp_bucket_view: bool = True) -> RankState:
+               ddp_bucket_view: bool = True, optimizer_bytes: Optional[int] = None) -> RankState:
+    """`optimizer_bytes`: the whole model's optimizer state (default state_bytes_per_param × n)."""
     n = spec.n_params
     shard = lambda nbytes: -(-nbytes // world_size)  # noqa: E731 (ceil division)
-    params, grads, opt = FP32 * n, FP32 * n, state_bytes_per_param * n
+    opt = state_bytes_per_param * n if optimizer_bytes is None else optimizer_bytes
+    params, grads = FP32 * n, FP32 * n
     buckets = 0 if ddp_bucket_view else FP32 * n
     if strategy == "ddp":
         return RankState(strategy, params, grads, opt, buckets)
@@ -403,14 +432,15 @@ def plan(spec: ModelSpec, world_size: int, device_memory_bytes: int, *, optimize
     if not 0 < usable_fraction <= 1:
         raise ValueError(f"usable_fraction: must be in (0, 1], got {usable_fraction}")
     per_param = optimizer_state_bytes(optimizer, momentum)
+    opt_bytes = model_optimizer_bytes(spec, optimizer, momentum)
     usable = int(device_memory_bytes * usable_fraction)
-    states = [rank_state(s, spec, world_size, per_param, ddp_bucket_view) for s in STRATEGIES]
+    states = [rank_state(s, spec, world_size, per_param, ddp_bucket_view, opt_bytes) for s in STRATEGIES]
     acts = [spec.activations(p, k, precision) for p in spec.policies]
     grid = {st.strategy: {a.policy: largest_micro_batch(st, a, usable) for a in acts} for st in states}
     selection = None
     if strategy is not None or policy is not None:
         strategy, policy = strategy or "ddp", policy or "none"
-        state = rank_state(strategy, spec, world_size, per_param, ddp_bucket_view)
+        state = rank_state(strategy, spec, world_size, per_param, ddp_bucket_view, opt_bytes)
         act = spec.activations(policy, k, precision)
         peak = None if micro_batch is None else state.total + act.peak(micro_batch)
         selection = Selection(strategy, policy, micro_batch, largest_micro_batch(state, act, usable), peak)
@@ -432,10 +462,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
 
 
+def _state_bytes_text(report: PlanReport) -> str:
+    matrix = optimizer_spec(report.optimizer).hidden_matrix_state_bytes
+    if matrix is None:
+        return f"{report.state_bytes_per_param} B/param"
+    return f"{matrix} B/param in hidden matrices, {report.state_bytes_per_param} B/param elsewhere"
+
+
 def format_plan(report: PlanReport) -> str:
     """The report as text: model state per strategy, activations per policy, micro-batch grid."""
     out = [f"model {report.model}: {report.n_params:,} parameters, {report.precision}, "
-           f"optimizer {report.optimizer} ({report.state_bytes_per_param} B/param), "
+           f"optimizer {report.optimizer} ({_state_bytes_text(report)}), "
            f"{report.world_size} ranks",
            f"device memory {format_bytes(report.device_memory_bytes)}, usable "
            f"{format_bytes(report.usable_bytes)}", "", "per-rank model state:"]

@@ -14,6 +14,7 @@ _PUBLIC = {
     "LAMB": "bigbatch.optim.lamb",
     "Lion": "bigbatch.optim.lion",
     "ScheduleFreeAdamW": "bigbatch.optim.schedule_free",
+    "Muon": "bigbatch.optim.muon",
     "peak_lr": "bigbatch.optim.lr_scaling",
     "LRSchedule": "bigbatch.optim.lr_schedule",
     "BatchSchedule": "bigbatch.optim.batch_schedule",

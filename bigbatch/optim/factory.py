@@ -14,6 +14,7 @@ from torch import nn
 
 from bigbatch.config import OptimConfig
 from bigbatch.optim.registry import optimizer_spec
+from bigbatch.registry import import_attribute
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -26,6 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     if vectors:
         groups.append({"params": vectors, "weight_decay": 0.0, "exclude_from_adaptation": True})
     return groups
+
+
+def optimizer_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The groups `cfg.name` steps: its registration's own grouping (muon) or `param_groups`."""
+    spec = optimizer_spec(cfg.name)
+    group = param_groups if spec.groups is None else import_attribute(spec.groups)
+    return group(model, cfg.weight_decay, cfg.decay_norm_and_bias)
 
 
 def _eps(cfg: OptimConfig, default: float) -> float:
@@ -80,6 +88,13 @@ def build_schedule_free_adamw(groups: list[dict], cfg: OptimConfig) -> torch.opt
                              weight_decay=cfg.weight_decay)
 
 
+def build_muon(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    from bigbatch.optim.muon import Muon
+
+    return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                betas=cfg.betas, eps=_eps(cfg, 1e-8), ns_steps=cfg.muon_ns_steps)
+
+
 def apex_settings(cfg: OptimConfig) -> dict[str, Any]:
     """The optim keys apex's FusedLAMB / LARC take, with our implementations' defaults."""
     if cfg.name == "lamb":
@@ -100,4 +115,4 @@ def optimizer_builder(cfg: OptimConfig) -> Callable[[list[dict]], torch.optim.Op
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Build `cfg.name` over the model's parameter groups; the LR is reset by the trainer each step."""
-    return optimizer_builder(cfg)(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias))
+    return optimizer_builder(cfg)(optimizer_param_groups(model, cfg))

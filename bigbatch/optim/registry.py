@@ -21,6 +21,11 @@ class OptimizerSpec:
     uses_momentum: bool = False       # reads optim.momentum / optim.nesterov
     trust_ratio: bool = False         # per-tensor norms: needs whole tensors, not flat partitions
     swaps_eval_weights: bool = False  # evaluates at other weights than it trains (schedule-free)
+    groups: str | None = None         # "module:function" (model, weight_decay, decay_norm_and_bias) ->
+                                      # param groups, instead of the factory's matrices/vectors split
+    hidden_matrix_state_bytes: int | None = None  # state per parameter of hidden matrices, when it
+                                                  # differs from state_bytes (muon: 4, the rest 8)
+    whole_matrices: bool = False      # orthogonalizes whole matrices (gathers FSDP shards; no DeepSpeed)
 
     def builder(self):
         return import_attribute(self.build)
@@ -50,3 +55,6 @@ register_optimizer("lamb", OptimizerSpec(f"{_F}:build_lamb", 8, trust_ratio=True
 register_optimizer("lion", OptimizerSpec(f"{_F}:build_lion", 4))  # one moment
 register_optimizer("schedule_free_adamw",  # z and exp_avg_sq (y exists only in eval mode)
                    OptimizerSpec(f"{_F}:build_schedule_free_adamw", 8, swaps_eval_weights=True))
+# muon.py: a momentum buffer per hidden-matrix parameter, AdamW's two moments for the rest
+register_optimizer("muon", OptimizerSpec(f"{_F}:build_muon", 8, hidden_matrix_state_bytes=4, uses_momentum=True,
+                                         groups="bigbatch.optim.muon:muon_param_groups", whole_matrices=True))
