@@ -47,6 +47,15 @@ def local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def reshard(module: nn.Module) -> None:
+    """FSDP2 (zero2/zero3) leaves a unit's parameters gathered after a forward without backward (the
+    root always, every unit under zero2): the next forward would use them as they are. Resharding
+    makes the module's parameters the DTensor shards again, the ones to write, gathered anew next."""
+    for sub in module.modules():
+        if callable(getattr(sub, "reshard", None)):
+            sub.reshard()
+
+
 class EveryStep:
     """The clock of a strategy whose weights change at each taken optimizer step."""
 
@@ -124,6 +133,7 @@ class WeightAverage:
         if self.count == 0:
             yield
             return
+        reshard(module)
         params = dict(module.named_parameters())
         targets = [params[name] for name in self.average]
         with torch.no_grad():
@@ -133,6 +143,7 @@ class WeightAverage:
         try:
             yield
         finally:
+            reshard(module)
             with torch.no_grad():
                 for p, s in zip(targets, saved):
                     p.copy_(s)
