@@ -265,7 +265,7 @@ class GuardConfig(Section):
 
 class EMAConfig(Section):
     enabled: bool = _f(False, "keep an average of the weights (float32, beside the model), checkpointed and "
-                       "evaluated (bigbatch.training.averaging)")
+                       "evaluated (bigbatch.optim.averaging)")
     kind: Literal["ema", "swa"] = _f("ema", "ema: exponential moving average; swa: equal-weight mean of the "
                                      "weights from start_samples on")
     decay: float = _f(0.999, "ema: weight of the old average at each update (1 - decay mixes in the weights)",

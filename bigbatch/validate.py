@@ -18,9 +18,8 @@ from bigbatch.data.rules import data_problems
 from bigbatch.distributed.rules import parallel_problems, parallel_world_problems
 from bigbatch.metrics import peak_flops_problems
 from bigbatch.models.rules import compile_problems, model_problems
-from bigbatch.optim.rules import batch_world_problems, optim_problems
+from bigbatch.optim.rules import averaging_problems, batch_world_problems, optim_problems
 from bigbatch.slurm.render import sbatch_option_problems
-from bigbatch.training.rules import averaging_problems
 
 
 def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Torch-free rules for the optimizer, LR and batch sections, run by bigbatch.validate."""
+"""Torch-free rules for the optimizer, LR, batch and weight-averaging (ema) sections, run by
+bigbatch.validate."""
 
 from __future__ import annotations
 
@@ -83,4 +84,24 @@ def adaptive_problems(cfg: Config, world_size: int) -> list[str]:
                 for key, value, origin in bounds if value % step]
     if low > high:
         problems.append(f"batch.adaptive.min: {low} is above batch.adaptive.max {high}")
+    return problems
+
+
+def averaging_problems(cfg: Config) -> list[str]:
+    """DeepSpeed's engine owns (and at stage 3 partitions) the weights in its own layout: an average
+    beside it, swapped in for evaluation and saved with its checkpoint, is not wired; refuse it. Keys
+    that SWA ignores are refused when set, and a start past the end of the run never updates."""
+    ema = cfg.ema
+    if not ema.enabled:
+        return []
+    problems = []
+    if cfg.distributed.strategy == "deepspeed":
+        problems.append("ema.enabled: not supported with distributed.strategy deepspeed (its engine owns the "
+                        "weights); use zero2 or zero3 for sharded weights, or ema.enabled: false")
+    if ema.kind == "swa":
+        problems += [f"ema.{key}: only used by ema.kind ema; SWA weighs every snapshot equally: remove "
+                     f"ema.{key}" for key in ("decay", "debias") if key in ema.model_fields_set]
+    if cfg.run.max_samples is not None and ema.start_samples > cfg.run.max_samples:
+        problems.append(f"ema.start_samples={ema.start_samples} is past run.max_samples={cfg.run.max_samples}: "
+                        f"the average would never be updated; use at most {cfg.run.max_samples}")
     return problems

@@ -32,7 +32,7 @@ from bigbatch.optim.lr_schedule import LRSchedule
 from bigbatch.optim.noise_monitor import NoiseScaleMonitor
 from bigbatch.optim.rules import adaptive_granularity
 from bigbatch.memory.remat import apply_remat
-from bigbatch.training.averaging import build_weight_average
+from bigbatch.optim.averaging import build_weight_average
 from bigbatch.training.evaluate import task_loss
 from bigbatch.training.trainer import Trainer
 from bigbatch.validate import validate

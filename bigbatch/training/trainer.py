@@ -18,7 +18,7 @@ from bigbatch.data.base import DataBundle
 from bigbatch.data.prefetch import StepBatches, StepKey
 from bigbatch.data.sampler import GlobalSampler
 from bigbatch.distributed.strategy import Strategy
-from bigbatch.training.averaging import NoAverage, WeightAverage
+from bigbatch.optim.averaging import NoAverage, WeightAverage
 from bigbatch.training.evaluate import evaluate, task_loss
 from bigbatch.training.guard import Diverged, GuardAction, NonFiniteSkips, NullGuard
 from bigbatch.launch.runtime import Runtime

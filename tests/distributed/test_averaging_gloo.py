@@ -9,7 +9,7 @@ import torch
 
 from bigbatch.launch.runtime import Runtime
 from bigbatch.testing import run_ranks
-from bigbatch.training.averaging import averaged_weights
+from bigbatch.optim.averaging import averaged_weights
 from bigbatch.training.build import build_trainer
 from bigbatch.validate import validate_config
 from tests.conftest import tiny_config

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bigbatch.training.averaging import averaged_weights
+from bigbatch.optim.averaging import averaged_weights
 from tests.e2e.test_resume import STEPS, losses, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -12,7 +12,7 @@ import torch
 from bigbatch.cli import main
 from bigbatch.config import ConfigError
 from bigbatch.launch.runtime import Runtime
-from bigbatch.training.averaging import WeightAverage, averaged_weights, mix
+from bigbatch.optim.averaging import WeightAverage, averaged_weights, mix
 from bigbatch.training.build import build_trainer
 from bigbatch.validate import validate_config
 from tests.conftest import tiny_config, write_config
