@@ -1,6 +1,6 @@
-"""Weight averaging on 2 gloo ranks: the averages under ddp and zero2 (DTensor shards, saved through
-DCP) equal one process's; under DiLoCo the average is the mean of the global weights after each outer
-synchronisation."""
+"""Weight averaging on 2 gloo ranks: the averages under ddp, zero2 and zero3 (DTensor shards, saved
+through DCP) equal one process's; under DiLoCo the average is the mean of the global weights after
+each outer synchronisation."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def train_average(rank: int, world_size: int, raw: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_two_ranks_average_like_one_process(tmp_path, strategy):
     # 6 steps of global batch 16, updates after steps 2, 4, 6; the 2 ranks see 8 samples each.
     # Evaluations at steps 3 and 6 swap the average in and out mid-run (FSDP2: into the shards).
@@ -54,7 +54,7 @@ def test_two_ranks_average_like_one_process(tmp_path, strategy):
             assert result["eval"][key] == pytest.approx(reference["eval"][key], rel=1e-5)
         for name, expected in reference["average"].items():
             torch.testing.assert_close(result["average"][name], expected, rtol=0, atol=1e-6)
-    saved = ranks[0]["saved"]  # zero2: gathered from step-N/dcp/; ddp: replicated.pt
+    saved = ranks[0]["saved"]  # zero2/3: gathered from step-N/dcp/; ddp: replicated.pt
     assert saved.keys() == reference["average"].keys()
     assert all(torch.equal(saved[k], v) for k, v in ranks[0]["average"].items())
 

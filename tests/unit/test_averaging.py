@@ -131,6 +131,9 @@ def test_trainer_logs_averaged_and_raw_metrics_and_checkpoints_the_average(tmp_p
     fresh.checkpointer.load(final)
     assert fresh.averaging.count == 2
     assert all(torch.equal(fresh.averaging.average[k], v) for k, v in saved.items())
+    # exported: the saved average loaded into a model evaluates to the final val_loss
+    fresh.strategy.module.load_state_dict(saved, strict=False)
+    assert fresh.evaluate_with(averaged=False)["val_loss"] == evals[-1]["val_loss"]
 
 
 def test_a_non_finite_step_does_not_update_the_average(tmp_path):
