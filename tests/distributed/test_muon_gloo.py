@@ -1,11 +1,14 @@
 """Muon on 2 gloo ranks equals one process: ddp, zero1 (whole matrices owned by one rank each) and
 zero2/zero3 (FSDP2 shards every matrix by rows; Newton–Schulz gathers the whole matrix).
 
-One spawn runs every strategy on a tiny GPT (embeddings, tied head, LayerNorms: the AdamW part; the
-blocks' qkv/proj/fc1/fc2: the Muon part); the single-process reference runs in the test process.
+zero3's sharded Muon state (DCP) resumes bitwise. One spawn runs every strategy on a tiny GPT
+(embeddings, tied head, LayerNorms: the AdamW part; the blocks' qkv/proj/fc1/fc2: the Muon part); the
+single-process reference runs in the test process.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,9 +43,9 @@ def loss_of(model, x, y) -> torch.Tensor:
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
-def train(model, optimizer, rank: int = 0, world: int = 1) -> None:
+def train(model, optimizer, rank: int = 0, world: int = 1, steps: range = range(STEPS)) -> None:
     share = GLOBAL_BATCH // world
-    for step in range(STEPS):
+    for step in steps:
         x, y = batch(step)
         loss_of(model, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]).backward()
         optimizer.step()
@@ -56,8 +59,27 @@ def sharded_muon_matrices(optimizer) -> int:
                for g in optimizer.param_groups if g["use_muon"] for p in g["params"])
 
 
-def rank_phase(rank: int, world_size: int) -> dict:
-    out = {}
+def zero3_resume(rank: int, world_size: int, root: str) -> dict:
+    """Save zero3's sharded model and Muon state (DCP) after 3 steps, go on 2 steps; a fresh model and
+    optimizer loaded from the save take the same 2 steps."""
+    runs = []
+    for load in (False, True):
+        strategy = make_strategy("zero3", make_model())
+        optimizer = strategy.build_optimizer(OPTIM)
+        checkpoint = strategy.sharded_checkpoint(optimizer)
+        if load:
+            checkpoint.load(Path(root, "dcp"))
+        else:
+            train(strategy.model, optimizer, rank, world_size, range(3))
+            checkpoint.save(Path(root, "dcp"))
+        dist.barrier()
+        train(strategy.model, optimizer, rank, world_size, range(3, 5))
+        runs.append(full_params(strategy.module))
+    return {"uninterrupted": runs[0], "resumed": runs[1]}
+
+
+def rank_phase(rank: int, world_size: int, root: str) -> dict:
+    out = {"zero3_resume": zero3_resume(rank, world_size, root)}
     for name in STRATEGIES:
         strategy = make_strategy(name, make_model())
         optimizer = (build_optimizer(strategy.module, OPTIM) if name == "ddp"
@@ -73,8 +95,8 @@ def rank_phase(rank: int, world_size: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict]:
-    return run_ranks(rank_phase, 2, timeout_s=300)
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(rank_phase, 2, str(tmp_path_factory.mktemp("muon_dcp")), timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +130,10 @@ def test_zero1_splits_whole_matrices_and_fsdp_really_shards_them(two_ranks):
     assert sum(owned) == 2 * 4 and min(owned) > 0  # 8 hidden matrices, each stepped by one rank
     for out in two_ranks:  # every hidden matrix is row-sharded: NS ran on gathered matrices
         assert out["zero2_sharded"] == out["zero3_sharded"] == 8
+
+
+def test_zero3_muon_state_resumes_exactly_from_a_sharded_checkpoint(two_ranks):
+    for out in two_ranks:
+        resume = out["zero3_resume"]
+        for key, value in resume["uninterrupted"].items():
+            assert torch.equal(resume["resumed"][key], value), key
