@@ -128,6 +128,20 @@ def test_ten_steps_match_the_float64_reference(nesterov):
         assert (p.detach() - make_groups()[0][name].detach()).abs().max() > 1e-2  # it really moved
 
 
+def test_zero_gradient_matrix_only_decays_and_no_momentum_is_plain_orthogonalized_gradient():
+    w0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
+    w = w0.clone().requires_grad_()
+    w.grad = torch.zeros_like(w)
+    Muon([w], lr=0.1, weight_decay=0.5).step()
+    torch.testing.assert_close(w.detach(), w0 * (1 - 0.1 * 0.5), rtol=1e-15, atol=0)  # NS(0) = 0
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    for nesterov in (True, False):  # μ = 0: u = g either way
+        w = w0.clone().requires_grad_()
+        w.grad = g
+        Muon([w], lr=0.1, momentum=0.0, nesterov=nesterov).step()
+        torch.testing.assert_close(w.detach(), w0 - 0.1 * 0.2 * 5 ** 0.5 * spectral_ns(g), rtol=0, atol=1e-12)
+
+
 def test_adamw_part_is_torch_adamw():
     params, _ = make_groups(3)
     ours = [params["embedding"], params["bias"]]
