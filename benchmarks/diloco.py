@@ -68,9 +68,22 @@ bb-* cluster already exists (someone else's). `--loopback` runs the ranks on 127
 
 Rows (default; about 41 minutes on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=50 with fp16
 and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows,
-among them (not measured yet) streaming DiLoCo at k=2, H=50: P = 2 and 4 fragments x tau = 0, 1, 5
+among them streaming DiLoCo at k=2, H=50: P = 2 and 4 fragments x tau = 0, 1, 5
 (`k2 DiLoCo H50 P4 tau1`; mixing 0), and int8 / int4 pseudo-gradients (`k2 DiLoCo H50 int8`,
-`... int4`, `... P4 tau5 int4`).
+`... int4`, `... P4 tau5 int4`; not measured yet).
+
+Streaming, measured 2026-12-06 with the machine shared (1-minute load 3.4 .. 7.1 on 2 cores, so step
+times are 2-3x the quiet ones): does tau hide the exchange? `--rate 5mbit --steps 200 --rows "k2
+DiLoCo H50 P2 tau0" "k2 DiLoCo H50 P2 tau5" "k2 DiLoCo H50 P4 tau0" "k2 DiLoCo H50 P4 tau5"` (a link
+slow enough that one fragment's exchange, 0.44 MB at P=2, takes longer than an inner step): exposed
+exchange seconds over the run, P2 tau0 5.17 -> tau5 1.98; P4 tau0 4.08 -> tau5 2.21, against 5.0 /
+4.0-4.2 s the collectives took ("comm s"). So tau = 5 takes 55-60 % of the exchange time off the
+critical path here, not all of it: gloo's collective thread competes with the inner steps for the
+same two cores. Peak bytes per exchange: 0.840 MB (P=1), 0.440 (P=2), 0.240 (P=4): 1/P of the model
+up to fragment boundaries (contiguous blocks of whole tensors). `--rate 50mbit --steps 400` with the
+P=1 and the six streaming rows (8 outer steps; exchange 0.1-0.2 s, under the load's noise): val loss
+2.1976 (P=1), P2 tau 0/1/5 2.1967 / 2.1961 / 2.1510, P4 tau 0/1/5 2.1404 / 2.0713 / 2.2615 against
+DDP's 2.1821; with 8 outer steps these spreads are noise of the run length, not an effect of tau.
 
 Columns (bytes are per rank: the payload rank 0 handed to its collectives, summed over every
 metrics row; a ring all-reduce puts about 2(k-1)/k times that on the wire):
