@@ -10,6 +10,10 @@ For every parameter w with gradient g, learning rate lr, betas (β1, β2) and we
 Every coordinate moves by exactly lr (plus the decay), so Lion's lr is typically 3–10× smaller than
 AdamW's and its weight decay 3–10× larger. ``sign(0) = 0``. Param groups may carry extra keys such
 as ``exclude_from_adaptation`` (ignored: Lion has no trust ratio).
+
+Equal bit for bit to lion-pytorch's ``Lion`` with its default ``decoupled_weight_decay=False``
+(tests/unit/test_optim_references.py); its ``True`` variant, which divides λ by the initial lr, is
+not offered.
 """
 
 from __future__ import annotations

@@ -12,8 +12,13 @@ the point to evaluate and to ship) and y (the interpolation where gradients are 
 with γ_k = lr·min(1, (k+1)/warmup_steps) (k = steps taken so far in the group),
 weight_k = (k+1)^r · (max_{j≤k} γ_j)^weight_lr_power and c_{k+1} = weight_k / Σ_{j≤k} weight_j.
 Only y (held in the parameters in train mode) and z, v are stored; y is updated in place as
-y ← lerp(y, z_t, c) + γ·(β1·(1−c) − 1)·ĝ, which equals the formulas above (Defazio's
-reference implementation does the same). There is no momentum buffer: β1 is the interpolation.
+y ← lerp(y, z_t, c) + γ·(β1·(1−c) − 1)·ĝ, which equals the formulas above. There is no momentum
+buffer: β1 is the interpolation.
+
+The steps are bit for bit those of Meta's ``schedulefree.AdamWScheduleFree`` (1.4.1, foreach or not;
+tests/unit/test_optim_references.py), not of its ``AdamWScheduleFreePaper``, which scales γ by
+√(1−β2^(k+1)) instead of bias-correcting v. Unlike the package, we start in train mode, leave
+``p.grad`` as it was, and restore y exactly after ``eval()`` (below).
 
 Train and eval modes
 --------------------
@@ -131,8 +136,10 @@ class ScheduleFreeAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 z, v = state["z"], state["exp_avg_sq"]
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                # ĝ goes into the denominator's buffer: one temporary, and p.grad is left as it was
+                # (schedulefree divides p.grad in place; same numbers either way)
                 denom = v.div(bias_correction2).sqrt_().add_(eps)
-                g_hat = grad.div(denom)
+                g_hat = torch.div(grad, denom, out=denom)
                 if decay != 0:
                     g_hat.add_(p, alpha=decay)
                 p.lerp_(z, ckp1)
