@@ -35,7 +35,8 @@ RUN_FILE, LOCK_FILE, METRICS_FILE = "run.json", ".lock", "metrics.jsonl"
 # and where, not what the saved state means.
 MAY_CHANGE = ("run.name", "run.out_dir", "run.if_exists", "run.max_steps", "run.max_samples", "run.epochs",
               "eval", "metrics", "checkpoint", "slurm", "distributed.timeout_s", "remat.measure_every_steps",
-              "data.prefetch", "model.compile")  # when batches are read, how forward runs: not what is saved
+              "data.prefetch", "model.compile",  # when batches are read, how forward runs: not what is saved
+              "ema.eval_with_ema")  # which weights evaluations read, not what is saved
 _UNSET = "(unset)"
 _NOT_SHOWN = ("checkpoint.resume", "checkpoint.allow_config_change")  # how to resume, not what
 

@@ -86,3 +86,4 @@ def test_config_changes_flatten_and_default_keys_the_checkpoint_predates():
         ("run.name", "b", "a"), ("model.hidden", [32], [64]), ("model.kwargs", {"k": 1}, {})]
     assert may_change("run.max_steps") and may_change("eval.every_steps") and may_change("slurm.time")
     assert not may_change("run.seed") and not may_change("distributed.strategy") and not may_change("evaluate")
+    assert may_change("ema.eval_with_ema") and not may_change("ema.decay") and not may_change("ema.enabled")
