@@ -226,6 +226,9 @@ class DiLoCoConfig(Section):
                        "local weights)", ge=0, le=1)
     sync_delay: int = _f(0, "streaming DiLoCo: start a fragment's exchange this many inner steps before it "
                          "is applied (tau, overlaps it with training); below inner_steps // fragments", ge=0)
+    warmup_steps: int = _count(0, "synchronous warm start: the first W steps average gradients across replicas "
+                               "(data parallel, no outer step); the cycles start after them; a multiple of "
+                               "inner_steps", ge=0)
 
 
 class DeepSpeedConfig(Section):

@@ -70,4 +70,4 @@ def build_diloco(cfg: Config, model: nn.Module, runtime: Any) -> DiLoCoStrategy:
                           outer_optimizer=d.outer_optimizer.model_dump(), compressor=compressor,
                           offload=d.offload, bucket_cap_mb=cfg.distributed.bucket_cap_mb,
                           count_intra_bytes=d.count_intra_bytes, fragments=d.fragments, mixing=d.mixing,
-                          sync_delay=d.sync_delay)
+                          sync_delay=d.sync_delay, warmup_steps=d.warmup_steps)

@@ -73,11 +73,13 @@ from bigbatch.compression.factory import build_compressor
 from bigbatch.compression.registry import compressor_spec
 from bigbatch.comm import Communicator
 from bigbatch.distributed.ddp import CommReductions, SingleProcess, with_savings
-from bigbatch.distributed.rules import diloco_cycle_problems, diloco_replica_problems, outer_optimizer_problems
+from bigbatch.distributed.rules import (diloco_cycle_problems, diloco_replica_problems, diloco_warmup_problems,
+                                        outer_optimizer_problems)
 
 OUTER_KIND = "diloco_outer"
 BUFFERS_KIND = "diloco_buffers"
 INIT_KIND = "diloco_init"
+WARMUP_KIND = "diloco_warmup"
 OUTER_OPTIMIZERS = ("sgd",)
 OUTER_OPTIMIZER_SETTINGS = ("name", "lr", "momentum", "nesterov")
 
@@ -247,13 +249,14 @@ class DiLoCo:
 
     def __init__(self, module: nn.Module, cross_comm: Communicator, inner_steps: int,
                  outer_optimizer: Mapping[str, Any] | None = None, compressor: Compressor | None = None,
-                 offload: bool = True, fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0):
+                 offload: bool = True, fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0,
+                 warmup_steps: int = 0):
         module = unwrap(module)
-        self._check(inner_steps, fragments, mixing, sync_delay)
+        self._check(inner_steps, fragments, mixing, sync_delay, warmup_steps)
         self.cross_comm, self.outer_comm = cross_comm, RelabeledCommunicator(cross_comm, OUTER_KIND)
         self.compressor = compressor if compressor is not None else NoCompression()
         self.inner_steps, self.offload, self.mixing = inner_steps, offload, float(mixing)
-        self.sync_delay = sync_delay
+        self.sync_delay, self.warmup_steps = sync_delay, warmup_steps
         self.pending: Exchange | None = None  # started tau steps before its sync step
         self.step = 0  # inner steps taken
         self.outer_step = 0  # fragment synchronisations done (outer steps when fragments == 1)
@@ -271,14 +274,17 @@ class DiLoCo:
                           for block in split_fragments([p.numel() for _, p in named], fragments)]
 
     @staticmethod
-    def _check(inner_steps: int, fragments: int, mixing: float, sync_delay: int) -> None:
+    def _check(inner_steps: int, fragments: int, mixing: float, sync_delay: int, warmup_steps: int) -> None:
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"diloco.inner_steps must be an integer >= 1, got {inner_steps!r}")
         if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
             raise ValueError(f"diloco.fragments must be an integer >= 1, got {fragments!r}")
         if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
             raise ValueError(f"diloco.sync_delay must be an integer >= 0, got {sync_delay!r}")
-        _raise_first(diloco_cycle_problems(inner_steps, fragments, sync_delay))
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"diloco.warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        _raise_first(diloco_cycle_problems(inner_steps, fragments, sync_delay)
+                     + diloco_warmup_problems(warmup_steps, inner_steps))
         if not 0 <= mixing <= 1:
             raise ValueError(f"diloco.mixing must be in [0, 1], got {mixing}")
 
@@ -291,8 +297,12 @@ class DiLoCo:
 
     # -- schedule --------------------------------------------------------------------------------
     def due_fragment(self, step: int) -> int | None:
-        """The fragment synchronised after inner step `step` (1-based), or None."""
-        count, phase = len(self.fragments), step % self.inner_steps
+        """The fragment synchronised after inner step `step` (1-based), or None. The cycles count
+        from the end of the warm-up: none is due during it."""
+        cycle_step = step - self.warmup_steps
+        if cycle_step < 1:
+            return None
+        count, phase = len(self.fragments), cycle_step % self.inner_steps
         for fragment in range(count):
             if phase == ((fragment + 1) * self.inner_steps // count) % self.inner_steps:
                 return fragment
@@ -303,6 +313,10 @@ class DiLoCo:
         the outer step. Returns its metrics (or {})."""
         module = unwrap(model)
         self.step += 1
+        if self.step <= self.warmup_steps:
+            if self.step == self.warmup_steps:
+                self._end_warmup(module)
+            return {}
         starting = self.due_fragment(self.step + self.sync_delay)
         if starting is not None:  # tau = 0: the same fragment as the sync below, started just before
             self._start_exchange(module, starting)
@@ -310,9 +324,37 @@ class DiLoCo:
         metrics: dict[str, float] = {}
         if fragment is not None:
             metrics = self._apply_exchange(module, fragment)
-        if self.step % self.inner_steps == 0:
+        if (self.step - self.warmup_steps) % self.inner_steps == 0:
             self._average_buffers(module)
         return metrics
+
+    # -- the synchronous warm-up -----------------------------------------------------------------
+    @property
+    def warming_up(self) -> bool:
+        """The step about to be taken is one of the first `warmup_steps`: gradients are averaged
+        across replicas before it (`sync_warmup_gradients`) and no outer step follows."""
+        return self.step < self.warmup_steps
+
+    @torch.no_grad()
+    def sync_warmup_gradients(self, model: nn.Module) -> None:
+        """During the warm-up, average this rank's gradients over the cross-replica group (after DDP
+        averaged them inside the replica), so every replica steps with the whole batch's gradient."""
+        if not self.warming_up:
+            return
+        grads = [p.grad for p in unwrap(model).parameters() if p.grad is not None]
+        if grads:
+            all_reduce_flat(grads, self.cross_comm, WARMUP_KIND)
+
+    @torch.no_grad()
+    def _end_warmup(self, module: nn.Module) -> None:
+        """The replicas hold identical weights (identical averaged gradients, identical optimizer
+        states): they become theta_global, from which the first cycle starts with zero outer momentum.
+        BatchNorm statistics were updated on each replica's own batches: averaged here."""
+        for name, param in module.named_parameters():
+            if name in self.global_params:
+                self.global_params[name].copy_(param.detach())
+        self.outer_optimizer.state.clear()  # never stepped during the warm-up: already empty
+        self._average_buffers(module)
 
     # -- the outer step --------------------------------------------------------------------------
     def _fragment_params(self, module: nn.Module, names: list[str]) -> list[Tensor]:
@@ -477,7 +519,7 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
     def __init__(self, model: nn.Module, device: torch.device, replicas: int, inner_steps: int,
                  outer_optimizer: Mapping[str, Any] | None = None, compressor: Compressor | None = None,
                  offload: bool = True, bucket_cap_mb: float = 25.0, count_intra_bytes: bool = True,
-                 fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0):
+                 fragments: int = 1, mixing: float = 0.0, sync_delay: int = 0, warmup_steps: int = 0):
         super().__init__(model)
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
@@ -494,7 +536,8 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
                 register_compression_hook(self.model, NoCompression(), self.intra_comm,
                                           param_names_by_id(model), observer=self.local_grad_norm)
         self.diloco = DiLoCo(model, self.cross_comm, inner_steps, outer_optimizer, compressor,
-                             offload=offload, fragments=fragments, mixing=mixing, sync_delay=sync_delay)
+                             offload=offload, fragments=fragments, mixing=mixing, sync_delay=sync_delay,
+                             warmup_steps=warmup_steps)
 
     def sync_context(self, last_micro_step: bool) -> ContextManager:
         if last_micro_step or self.model is self.module:
@@ -502,6 +545,12 @@ class DiLoCoStrategy(CommReductions, SingleProcess):
         return self.model.no_sync()  # accumulate locally; all-reduce on the last micro-batch only
 
     global_grad_norm = False  # replicas hold different gradients between outer steps
+
+    def optimizer_step(self, optimizer, grad_clip: float | None) -> float:
+        """During the warm-up the replicas' gradients are averaged first (identical everywhere, so
+        is the norm and the clipping); afterwards each replica steps with its own."""
+        self.diloco.sync_warmup_gradients(self.module)
+        return super().optimizer_step(optimizer, grad_clip)
 
     def after_step(self, trainer: Any = None) -> dict[str, float]:
         """Counts the inner step and runs the outer step when due. The loop calls it after every

@@ -122,6 +122,17 @@ def diloco_cycle_problems(inner_steps: int, fragments: int, sync_delay: int = 0)
     return []
 
 
+def diloco_warmup_problems(warmup_steps: int, inner_steps: int) -> list[str]:
+    # A warm-up of whole cycles keeps every synchronisation on the steps it has without one (the
+    # cycles count from its end): evaluations every H steps still follow an outer step.
+    if warmup_steps % inner_steps:
+        lower = warmup_steps - warmup_steps % inner_steps
+        return [f"diloco.warmup_steps: {warmup_steps} must be a multiple of diloco.inner_steps ({inner_steps}), "
+                f"so synchronisations stay on multiples of H; set diloco.warmup_steps to {lower} or "
+                f"{lower + inner_steps}"]
+    return []
+
+
 def outer_optimizer_problems(momentum: float, nesterov: bool) -> list[str]:
     if nesterov and momentum == 0:
         return ["diloco.outer_optimizer.nesterov: Nesterov needs momentum > 0; set nesterov: false or a "
@@ -149,6 +160,7 @@ def _diloco_problems(cfg: Config) -> list[str]:
         problems.append("metrics.noise_scale / batch.adaptive: not with distributed.strategy=diloco, whose "
                         "gradients are averaged only inside a replica; turn them off")
     problems += diloco_cycle_problems(d.inner_steps, d.fragments, d.sync_delay)
+    problems += diloco_warmup_problems(d.warmup_steps, d.inner_steps)
     problems += outer_optimizer_problems(d.outer_optimizer.momentum, d.outer_optimizer.nesterov)
     return problems
 
