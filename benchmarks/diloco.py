@@ -121,7 +121,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
 from benchmarks.netns_ranks import (NETNS_RUN, emulated_network, interruptible,  # noqa: E402
                                     netns_problem, run_processes)
-from bigbatch.distributed.rules import diloco_cycle_problems  # noqa: E402
+from bigbatch.distributed.rules import diloco_cycle_problems, diloco_warmup_problems  # noqa: E402
 from bigbatch.testing import free_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -132,14 +132,15 @@ OUTER_KIND = "diloco_outer"
 # comm_bytes/* columns that count no collective (powersgd_uncompressed is a kind: the plain tensors)
 DERIVED = ("total", "uncompressed", "diloco_outer_uncompressed")
 SYNC_KINDS = ("grad_allreduce", "grad_allreduce_fp16", "grad_allreduce_bf16", "powersgd_p",
-              "powersgd_q", "diloco_outer")
+              "powersgd_q", "diloco_outer", "diloco_warmup")
 LOSS_GOAL, BYTES_GOAL, BYTES_GOAL_FP16 = 0.02, 50.0, 100.0
 
 
 @dataclass(frozen=True)
 class Row:
     """One table row: DDP, or DiLoCo with k replicas, H inner steps and a pseudo-gradient codec,
-    optionally streaming (P fragments, each exchange started tau steps before it is applied)."""
+    optionally streaming (P fragments, each exchange started tau steps before it is applied) and
+    after a synchronous warm-up of W data-parallel steps."""
 
     k: int
     inner_steps: int | None = None  # None: DDP
@@ -147,6 +148,7 @@ class Row:
     powersgd_rank: int = 4
     fragments: int = 1  # diloco.fragments (P)
     sync_delay: int = 0  # diloco.sync_delay (tau)
+    warmup: int = 0  # diloco.warmup_steps (W)
 
     @property
     def label(self) -> str:
@@ -155,7 +157,8 @@ class Row:
         codec = {"none": "", "fp16": " fp16", "powersgd": f" PowerSGD r{self.powersgd_rank}", "int8": " int8",
                  "int4": " int4"}
         streaming = f" P{self.fragments} tau{self.sync_delay}" if self.fragments > 1 or self.sync_delay else ""
-        return f"k{self.k} DiLoCo H{self.inner_steps}{streaming}{codec[self.compression]}"
+        warmup = f" W{self.warmup}" if self.warmup else ""
+        return f"k{self.k} DiLoCo H{self.inner_steps}{warmup}{streaming}{codec[self.compression]}"
 
     @property
     def slug(self) -> str:
@@ -192,6 +195,8 @@ EXTRA_ROWS = (Row(2, 100, "fp16"), Row(2, 100, "powersgd"), Row(4, 10), Row(4, 1
 # (blocks of 64, error feedback). Ask for them with --rows; each is about 4 minutes.
 STREAMING_ROWS = (*(Row(2, 50, fragments=p, sync_delay=tau) for p in (2, 4) for tau in (0, 1, 5)),
                   Row(2, 50, "int8"), Row(2, 50, "int4"), Row(2, 50, "int4", fragments=4, sync_delay=5))
+# Synchronous warm start (issue 17, item 3): W data-parallel steps before the cycles; --rows.
+WARMUP_ROWS = (Row(4, 50, warmup=100), Row(4, 50, warmup=200), Row(2, 50, warmup=200))
 QUICK_ROWS = (Row(2), Row(2, 5, "fp16"))
 
 
@@ -250,7 +255,7 @@ def run_config(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path) ->
             "outer_optimizer": {"name": "sgd", "lr": setup.outer_lr, "momentum": setup.outer_momentum,
                                 "nesterov": True},
             "compression": {"method": row.compression, "rank": row.powersgd_rank},
-            "fragments": row.fragments, "sync_delay": row.sync_delay}
+            "fragments": row.fragments, "sync_delay": row.sync_delay, "warmup_steps": row.warmup}
     return raw
 
 
@@ -268,7 +273,8 @@ def check_rows(setup: Setup, rows: Sequence[Row]) -> None:
         if setup.global_batch % row.k:
             raise ValueError(f"{row.label}: the global batch {setup.global_batch} must split over k={row.k}")
         if h is not None:
-            for problem in diloco_cycle_problems(h, row.fragments, row.sync_delay):
+            for problem in diloco_cycle_problems(h, row.fragments, row.sync_delay) + diloco_warmup_problems(
+                    row.warmup, h):
                 raise ValueError(f"{row.label}: {problem}")
 
 
@@ -422,7 +428,8 @@ def goal_lines(table: Sequence[dict], setup: Setup) -> list[str]:
         lines.append(f"goal {t['label']}: val loss within {LOSS_GOAL:.0%} of DDP: {t['loss_gap']:+.2%} -> "
                      f"{'met' if loss_ok else 'NOT met'}; >= {need:.0f}x fewer sync bytes: "
                      f"{t['sync_fewer']:.1f}x ({t['total_fewer']:.1f}x counting every kind) -> "
-                     f"{'met' if bytes_ok else 'NOT met'}; {setup.steps // 50} outer steps in the run")
+                     f"{'met' if bytes_ok else 'NOT met'}; {(setup.steps - t.get('warmup', 0)) // 50} outer steps "
+                     "in the run")
     return lines
 
 
@@ -496,7 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"sequences per step over all ranks (default {FULL.global_batch})")
     parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
                         help=f"rows to run (default: {', '.join(r.label for r in FULL_ROWS)}; also "
-                             f"{', '.join(r.label for r in EXTRA_ROWS + STREAMING_ROWS)})")
+                             f"{', '.join(r.label for r in EXTRA_ROWS + STREAMING_ROWS + WARMUP_ROWS)})")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"AdamW peak lr of every row: DDP's, and DiLoCo's inner (default {FULL.lr})")
     parser.add_argument("--outer-lr", type=float, default=None, help=f"DiLoCo outer SGD lr (default {FULL.outer_lr})")
@@ -514,7 +521,7 @@ def choose(args: argparse.Namespace) -> tuple[Setup, list[Row], str | None]:
                ("outer_lr", args.outer_lr), ("outer_momentum", args.outer_momentum))
     changes = {key: value for key, value in options if value is not None}
     setup = replace(setup, **changes)
-    known = {row.label: row for row in FULL_ROWS + EXTRA_ROWS + STREAMING_ROWS + QUICK_ROWS}
+    known = {row.label: row for row in FULL_ROWS + EXTRA_ROWS + STREAMING_ROWS + WARMUP_ROWS + QUICK_ROWS}
     unknown = [label for label in args.rows or () if label not in known]
     if unknown:
         raise ValueError(f"--rows: unknown {unknown}; choose from {list(known)}")

@@ -46,6 +46,17 @@ is dropped, and replicas stay identical), 1 keeps the local weights (theta_globa
 what later pseudo-gradients are taken against). tau < H // P (validated), so an exchange starts after
 the previous fragment was applied: at most one is in flight. tau = 0 is the blocking exchange.
 
+Synchronous warm start (`warmup_steps=W`, a multiple of H; the DiLoCo paper starts its replicas
+from a model pretrained data-parallel): for the first W inner steps the replicas train as one
+data-parallel job. Before each of those optimizer steps every rank's gradients (already averaged inside
+its replica by DDP) are averaged over the cross group, kind `diloco_warmup`, so every replica steps with
+the whole batch's gradient: identical weights, norms, clipping and inner optimizer states everywhere.
+No exchange and no outer step happen then. After step W, theta_global is set to those weights, float
+buffers are averaged, the outer momentum is zero, and the H-step cycles (and the fragments' staggered
+schedule, tau and the compressor) count from W: the first outer step is at W + H. The step counter
+decides the phase, so a checkpoint mid-warm-up resumes exactly. A weight average (`ema`) follows
+theta_global, so its first update is the first outer step after the warm-up.
+
 Checkpoints: theta_global, the outer optimizer and the step counters are identical on every rank
 (`replicated_state()`); the compressor's state (PowerSGD error feedback) is per rank
 (`per_rank_state()`). An exchange in flight when a checkpoint is saved is finished first (its result
