@@ -452,6 +452,7 @@ class DiLoCoReplicatedState:
     def state_dict(self) -> dict[str, Any]:
         d = self.diloco
         return {"step": d.step, "outer_step": d.outer_step, "inner_steps": d.inner_steps,
+                "warmup_steps": d.warmup_steps,
                 "global_params": {name: t.detach().cpu().clone() for name, t in d.global_params.items()},
                 "outer_optimizer": d.outer_optimizer.state_dict(), "pending": self._pending_state()}
 
@@ -467,6 +468,7 @@ class DiLoCoReplicatedState:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         d = self.diloco
+        self._check_warmup(int(state["step"]), int(state.get("warmup_steps", 0)))  # absent: before warm-up
         saved, expected = set(state["global_params"]), set(d.global_params)
         if saved != expected:
             raise ValueError("DiLoCo checkpoint parameters do not match the model: missing "
@@ -476,6 +478,15 @@ class DiLoCoReplicatedState:
         d.outer_optimizer.load_state_dict(state["outer_optimizer"])
         d.step, d.outer_step = int(state["step"]), int(state["outer_step"])
         self._load_pending(state.get("pending"))  # absent in checkpoints from before sync_delay
+
+    def _check_warmup(self, step: int, saved: int) -> None:
+        """A checkpoint taken before the end of either warm-up (the saved or the configured one) has
+        no theta_global from the other's end: the phases disagree, refuse."""
+        configured = self.diloco.warmup_steps
+        if saved != configured and step < max(saved, configured):
+            raise ValueError(f"DiLoCo checkpoint at step {step} was saved with diloco.warmup_steps={saved}; "
+                             f"resuming it with {configured} would change the warm-up it is in; keep "
+                             f"diloco.warmup_steps: {saved}")
 
     def _load_pending(self, saved: dict[str, Any] | None) -> None:
         d = self.diloco

@@ -171,6 +171,26 @@ def test_resume_mid_warmup_and_right_after_continues_exactly(stop):
                 assert torch.equal(got[key], expected), (rank, step, key)
 
 
+def test_resume_refuses_a_changed_warmup_it_is_still_in():
+    def replica(comm, warmup_steps, state):
+        diloco = DiLoCo(Vec([1.0]), comm, 2, warmup_steps=warmup_steps)
+        diloco.replicated_state().load_state_dict(state)
+
+    def saved(comm, steps):
+        model = Vec([1.0])
+        diloco = DiLoCo(model, comm, 2, warmup_steps=4)
+        for _ in range(steps):
+            diloco.maybe_outer_step(model)
+        return diloco.replicated_state().state_dict()
+
+    mid, after = run_local(saved, 1, 3)[0], run_local(saved, 1, 6)[0]
+    run_local(replica, 1, 4, mid)
+    run_local(replica, 1, 2, after)  # both warm-ups are over at step 6: only the phase of H moves
+    for warmup, state in ((2, mid), (0, mid), (8, after)):
+        with pytest.raises(RuntimeError, match=r"saved with diloco.warmup_steps=4; .* keep diloco.warmup_steps: 4"):
+            run_local(replica, 1, warmup, state)
+
+
 def test_bad_warmup_raises_value_errors():
     with pytest.raises(ValueError, match="diloco.warmup_steps must be an integer >= 0"):
         DiLoCo(Vec([1.0]), Communicator(), 2, warmup_steps=-2)
