@@ -149,6 +149,7 @@ class Row:
     fragments: int = 1  # diloco.fragments (P)
     sync_delay: int = 0  # diloco.sync_delay (tau)
     warmup: int = 0  # diloco.warmup_steps (W)
+    outer_lr: float | None = None  # this row's outer SGD lr (None: --outer-lr), to probe combinations in one run
 
     @property
     def label(self) -> str:
@@ -158,7 +159,8 @@ class Row:
                  "int4": " int4"}
         streaming = f" P{self.fragments} tau{self.sync_delay}" if self.fragments > 1 or self.sync_delay else ""
         warmup = f" W{self.warmup}" if self.warmup else ""
-        return f"k{self.k} DiLoCo H{self.inner_steps}{warmup}{streaming}{codec[self.compression]}"
+        outer = f" outer-lr {self.outer_lr:g}" if self.outer_lr is not None else ""
+        return f"k{self.k} DiLoCo H{self.inner_steps}{warmup}{streaming}{codec[self.compression]}{outer}"
 
     @property
     def slug(self) -> str:
@@ -196,7 +198,8 @@ EXTRA_ROWS = (Row(2, 100, "fp16"), Row(2, 100, "powersgd"), Row(4, 10), Row(4, 1
 STREAMING_ROWS = (*(Row(2, 50, fragments=p, sync_delay=tau) for p in (2, 4) for tau in (0, 1, 5)),
                   Row(2, 50, "int8"), Row(2, 50, "int4"), Row(2, 50, "int4", fragments=4, sync_delay=5))
 # Synchronous warm start (issue 17, item 3): W data-parallel steps before the cycles; --rows.
-WARMUP_ROWS = (Row(4, 50, warmup=100), Row(4, 50, warmup=200), Row(2, 50, warmup=200))
+WARMUP_ROWS = (Row(4, 50, warmup=100), Row(4, 50, warmup=200), Row(4, 50, warmup=200, outer_lr=1.0),
+               Row(2, 50, warmup=200))
 QUICK_ROWS = (Row(2), Row(2, 5, "fp16"))
 
 
@@ -252,7 +255,7 @@ def run_config(setup: Setup, row: Row, data: tuple[str, str], runs_dir: Path) ->
     if row.inner_steps is not None:
         raw["diloco"] = {
             "replicas": row.k, "inner_steps": row.inner_steps,
-            "outer_optimizer": {"name": "sgd", "lr": setup.outer_lr, "momentum": setup.outer_momentum,
+            "outer_optimizer": {"name": "sgd", "lr": row.outer_lr or setup.outer_lr, "momentum": setup.outer_momentum,
                                 "nesterov": True},
             "compression": {"method": row.compression, "rank": row.powersgd_rank},
             "fragments": row.fragments, "sync_delay": row.sync_delay, "warmup_steps": row.warmup}
