@@ -30,6 +30,34 @@ row's), the quality, its difference to none, wall seconds (spawn to exit, on a s
 "front": on the Pareto front of sync bytes vs quality (no other row is at least as good with fewer or
 as few bytes). The plot shows quality against sync bytes (log x) with the front joined.
 
+Measured 2026-12-06, `python benchmarks/frontier.py` (all variants, both workloads, 51 minutes; the
+machine shared: 1-minute load 3.0 .. 8.0 on 2 cores, which moves the wall seconds, not the results):
+
+    demo (200 steps)   sync MB  fewer x  val acc   vs none      gpt (600 steps)  sync MB  fewer x  val loss  vs none
+    none              1490.952      1.0   0.8934   front        none             504.269      1.0   1.9408
+    fp16               745.476      2.0   0.8922   -0.0012      fp16             252.134      2.0   1.9407   -0.0001
+    bf16               745.476      2.0   0.8914   -0.0020      bf16             252.134      2.0   1.9407   -0.0000
+    powersgd r1         79.828     18.7   0.8127   -0.0807      powersgd r1       26.900     18.7   2.4517   +0.5109
+    powersgd r2         83.544     17.8   0.8522   -0.0412      powersgd r2       37.239     13.5   2.2835   +0.3427
+    powersgd r4         90.977     16.4   0.8811   -0.0123      powersgd r4       57.917      8.7   2.1104   +0.1696
+    powersgd r8        107.339     13.9   0.8875   -0.0059      powersgd r8       99.274      5.1   2.0059   +0.0652
+    diloco H10         149.095     10.0   0.8919   -0.0015      diloco H10        50.427     10.0   1.9277   -0.0131 front
+    diloco H10 fp16     74.548     20.0   0.8897   -0.0037      diloco H10 fp16   25.213     20.0   1.9278   -0.0130 front
+    diloco H20          74.548     20.0   0.8890   -0.0044      diloco H20        25.213     20.0   1.9678   +0.0270
+    diloco H20 fp16     37.274     40.0   0.8922   -0.0012 front diloco H20 fp16  12.607     40.0   1.9674   +0.0266 front
+    diloco H50          29.819     50.0   0.8905   -0.0029      diloco H50        10.085     50.0   2.0059   +0.0651
+    diloco H50 fp16     14.910    100.0   0.8907   -0.0027 front diloco H50 fp16   5.043    100.0   2.0059   +0.0651
+    diloco H50 int8      7.921    188.2   0.8899   -0.0035 front diloco H50 int8   2.679    188.2   2.0057   +0.0649
+    diloco H50 int4      4.193    355.6   0.8883   -0.0051 front diloco H50 int4   1.418    355.6   2.0049   +0.0642 front
+
+On both workloads the front is DiLoCo's: PowerSGD never is. Two reasons show in the table. Its plain
+steps before `compression.start_step` (10) dominate its bytes over a short run (74.5 of rank 2's 83.5
+MB on the demo): 157x fewer bytes a compressed step is 17.8x over the run. And rank 2 costs 4.1
+points under LAMB at batch 4096 (+17.7 % val loss on the GPT with AdamW); benchmarks/powersgd_probes.py
+records what was tried to close that and what it did. Differences of 0.1-0.2 points between rows
+that should be equivalent (fp16 vs bf16, DiLoCo H10 vs H10 fp16) are the run-to-run spread of one
+seed.
+
 Output: a table on stdout, OUT/frontier.{md,json,png} (OUT defaults to benchmarks/out), the run
 directories under OUT/frontier_runs/. `--quick` (tiny models, a few steps, three variants per
 workload) is the smoke test run by tests/e2e/test_frontier_smoke.py.
