@@ -24,5 +24,5 @@ def plan_run(cfg: Config, world_size: int, device_memory: str) -> str:
     micro = cfg.batch.micro_batch or max(1, cfg.batch.global_batch // world_size)
     report = plan(spec_from_model(model, sample), world_size, memory, optimizer=cfg.optim.name,
                   momentum=cfg.optim.momentum, precision=cfg.precision, k=cfg.remat.k,
-                  strategy=strategy, policy=cfg.remat.policy, micro_batch=micro)
+                  strategy=strategy, policy=cfg.remat.policy, micro_batch=micro, weight_average=cfg.ema.enabled)
     return format_plan(report)

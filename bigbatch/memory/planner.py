@@ -355,29 +355,34 @@ class RankState:
     grads: int
     optimizer: int
     comm_buffers: int
+    average: int = 0  # the ema: weight average (float32), bigbatch.optim.averaging
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.comm_buffers
+        return self.params + self.grads + self.optimizer + self.comm_buffers + self.average
 
 
 def rank_state(strategy: str, spec: ModelSpec, world_size: int, state_bytes_per_param: int,
-               ddp_bucket_view: bool = True, optimizer_bytes: Optional[int] = None) -> RankState:
-    """`optimizer_bytes`: the whole model's optimizer state (default state_bytes_per_param × n)."""
+               ddp_bucket_view: bool = True, optimizer_bytes: Optional[int] = None,
+               weight_average: bool = False) -> RankState:
+    """`optimizer_bytes`: the whole model's optimizer state (default state_bytes_per_param × n).
+    `weight_average`: an ema: average is kept, float32 like the parameters it averages (whole tensors
+    under ddp/zero1, this rank's shards under zero2/zero3)."""
     n = spec.n_params
     shard = lambda nbytes: -(-nbytes // world_size)  # noqa: E731 (ceil division)
     opt = state_bytes_per_param * n if optimizer_bytes is None else optimizer_bytes
     params, grads = FP32 * n, FP32 * n
+    average = FP32 * n if weight_average else 0
     buckets = 0 if ddp_bucket_view else FP32 * n
     if strategy == "ddp":
-        return RankState(strategy, params, grads, opt, buckets)
+        return RankState(strategy, params, grads, opt, buckets, average)
     if strategy == "zero1":
-        return RankState(strategy, params, grads, shard(opt), buckets)
+        return RankState(strategy, params, grads, shard(opt), buckets, average)
     if strategy == "zero2":
-        return RankState(strategy, params, shard(grads), shard(opt), 0)
+        return RankState(strategy, params, shard(grads), shard(opt), 0, shard(average))
     if strategy == "zero3":
         gathered = FP32 * (spec.root_params + 2 * spec.max_block_params)
-        return RankState(strategy, shard(params), shard(grads), shard(opt), gathered)
+        return RankState(strategy, shard(params), shard(grads), shard(opt), gathered, shard(average))
     raise ValueError(f"distributed.strategy: the planner models {', '.join(STRATEGIES)}, not '{strategy}'")
 
 
@@ -422,10 +427,11 @@ def plan(spec: ModelSpec, world_size: int, device_memory_bytes: int, *, optimize
          momentum: float = 0.9, precision: str = "fp32", k: int = 2,
          strategy: Optional[str] = None, policy: Optional[str] = None,
          micro_batch: Optional[int] = None, usable_fraction: float = 0.9,
-         ddp_bucket_view: bool = True) -> PlanReport:
+         ddp_bucket_view: bool = True, weight_average: bool = False) -> PlanReport:
     """Per-rank memory of every strategy × remat policy, and the largest micro-batch of each.
 
-    `strategy`/`policy`/`micro_batch`, if given, are the configured choice, reported in `selection`.
+    `strategy`/`policy`/`micro_batch`, if given, are the configured choice, reported in `selection`;
+    `weight_average`: the run keeps an ema: average (counted in every strategy's state).
     """
     if world_size < 1:
         raise ValueError(f"world size: must be at least 1, got {world_size}")
@@ -434,13 +440,14 @@ def plan(spec: ModelSpec, world_size: int, device_memory_bytes: int, *, optimize
     per_param = optimizer_state_bytes(optimizer, momentum)
     opt_bytes = model_optimizer_bytes(spec, optimizer, momentum)
     usable = int(device_memory_bytes * usable_fraction)
-    states = [rank_state(s, spec, world_size, per_param, ddp_bucket_view, opt_bytes) for s in STRATEGIES]
+    states = [rank_state(s, spec, world_size, per_param, ddp_bucket_view, opt_bytes, weight_average)
+              for s in STRATEGIES]
     acts = [spec.activations(p, k, precision) for p in spec.policies]
     grid = {st.strategy: {a.policy: largest_micro_batch(st, a, usable) for a in acts} for st in states}
     selection = None
     if strategy is not None or policy is not None:
         strategy, policy = strategy or "ddp", policy or "none"
-        state = rank_state(strategy, spec, world_size, per_param, ddp_bucket_view, opt_bytes)
+        state = rank_state(strategy, spec, world_size, per_param, ddp_bucket_view, opt_bytes, weight_average)
         act = spec.activations(policy, k, precision)
         peak = None if micro_batch is None else state.total + act.peak(micro_batch)
         selection = Selection(strategy, policy, micro_batch, largest_micro_batch(state, act, usable), peak)
@@ -476,9 +483,12 @@ def format_plan(report: PlanReport) -> str:
            f"{report.world_size} ranks",
            f"device memory {format_bytes(report.device_memory_bytes)}, usable "
            f"{format_bytes(report.usable_bytes)}", "", "per-rank model state:"]
-    out += _table(["strategy", "params", "grads", "optimizer", "comm buffers", "total"],
+    average = any(s.average for s in report.states)  # the column only when an ema: average is kept
+    column = lambda s: [s.average] if average else []  # noqa: E731
+    out += _table(["strategy", "params", "grads", "optimizer", "comm buffers",
+                   *(["weight average"] if average else []), "total"],
                   [[s.strategy, *map(format_bytes, (s.params, s.grads, s.optimizer, s.comm_buffers,
-                                                     s.total))] for s in report.states])
+                                                     *column(s), s.total))] for s in report.states])
     out += ["", f"activations per micro-batch (k={report.k} for every_k):"]
     out += _table(["remat", "saved fixed", "saved/sample", "peak fixed", "peak/sample"],
                   [[a.policy, *map(format_bytes, (a.saved(0), a.saved(1) - a.saved(0),

@@ -128,6 +128,17 @@ def test_zero_stages_divide_state_per_rank():
         rank_state("diloco", spec, 4, s)
 
 
+def test_weight_average_is_whole_under_ddp_and_zero1_and_sharded_under_zero2_and_zero3():
+    # an ema: average is float32 like the parameters: 4n = 4000 bytes, this rank's shards under FSDP
+    spec, s = FakeSpec(), optimizer_state_bytes("adamw")
+    averages = {st: rank_state(st, spec, 4, s, weight_average=True).average for st in ("ddp", "zero1", "zero2", "zero3")}
+    assert averages == {"ddp": 4000, "zero1": 4000, "zero2": 1000, "zero3": 1000}
+    with_average = rank_state("zero3", spec, 4, s, weight_average=True)
+    assert with_average.total == rank_state("zero3", spec, 4, s).total + 1000
+    report = plan(spec, 4, 10**6, optimizer="adamw", weight_average=True)
+    assert "weight average" in format_plan(report) and "weight average" not in format_plan(plan(spec, 4, 10**6))
+
+
 def test_largest_micro_batch_is_the_last_that_fits():
     # state 10_000; peak(b) = (500 + 100) + b·(1000 + 200) → b ≤ (25_000 − 10_600) / 1200 = 12.0
     state = RankState("ddp", 4000, 4000, 2000, 0)
