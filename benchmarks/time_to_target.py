@@ -7,7 +7,8 @@ The best LR of an (optimizer, batch) is the one reaching the target in the fewes
 does, the one with the best final quality.
 
     python benchmarks/time_to_target.py [--workloads mlp gpt] [--optimizers sgd adamw ...]
-                                        [--batches small large] [--lrs 0.01 0.03] [--epochs E]
+                                        [--batches small large] [--lrs 0.01 0.03 | --lr-factors 1]
+                                        [--epochs E]
                                         [--gpt-samples N] [--corpus PATH] [--out DIR] [--quick]
 
 Workloads
@@ -31,8 +32,8 @@ LR is ~10x smaller and decay is multiplied by the LR). Adam-family betas 0.9/0.9
 
 LR sweep: CENTRES below hold one "sensible default" peak LR per (workload, optimizer, batch) (from
 configs/, benchmarks/large_batch.py's tuning, the README's Muon run and the usual ratios: Lion ~1/10 of
-AdamW, larger batches a few times larger); the sweep is centre x (1/3, 1, 3). `--lrs` replaces the
-grid by the given LRs for every selected (optimizer, batch).
+AdamW, larger batches a few times larger); the sweep is centre x (1/3, 1, 3) (`--lr-factors`). `--lrs`
+replaces the grid by the given LRs for every selected (optimizer, batch).
 
 Samples to target: evaluations give (samples, metric) points; the target crossing is interpolated
 linearly between the two evaluations around it (benchmarks/diloco.py's samples_to_reach), then rounded
@@ -403,6 +404,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--batches", nargs="+", choices=("small", "large"), default=["small", "large"])
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="peak LRs to try for every selected (optimizer, batch), replacing the grid")
+    parser.add_argument("--lr-factors", nargs="+", type=float, default=list(LR_GRID),
+                        help="the grid: multiples of each (optimizer, batch)'s centre LR (default 1/3 1 3)")
     parser.add_argument("--epochs", type=float, default=2.0, help="mlp: epochs per run")
     parser.add_argument("--gpt-samples", type=int, default=32 * 512, help="gpt: sequences per run")
     parser.add_argument("--corpus", type=Path, default=None,
@@ -415,8 +418,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.optimizers = args.optimizers or list(QUICK_OPTIMIZERS if args.quick else OPTIMIZERS)
     if args.epochs <= 0 or args.gpt_samples <= 0:
         parser.error("--epochs and --gpt-samples must be > 0, e.g. --epochs 2 --gpt-samples 16384")
-    if args.lrs is not None and any(lr <= 0 for lr in args.lrs):
-        parser.error("--lrs: every LR must be > 0, e.g. --lrs 0.01 0.03")
+    if any(lr <= 0 for lr in (args.lrs or []) + args.lr_factors):
+        parser.error("--lrs/--lr-factors: every LR must be > 0, e.g. --lrs 0.01 0.03 or --lr-factors 1")
     if args.corpus is not None and not args.corpus.exists():
         parser.error(f"--corpus: {args.corpus} does not exist; pass a text file, folder or archive")
     if "gpt" in args.workloads and args.corpus is None and not CORPUS.exists():
@@ -428,7 +431,7 @@ def lrs_for(args: argparse.Namespace, work: Workload, optimizer: str, batch: int
     if args.lrs is not None:
         return list(args.lrs)
     centre = CENTRES[work.name][optimizer][work.batches.index(batch)]
-    return [centre] if args.quick else [centre * f for f in LR_GRID]
+    return [centre] if args.quick else [centre * f for f in args.lr_factors]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

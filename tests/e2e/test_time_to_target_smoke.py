@@ -96,4 +96,4 @@ def test_best_lr_is_fewest_samples_to_target_else_best_final():
 def test_bad_arguments_exit_2_naming_the_option():
     result = subprocess.run([sys.executable, str(BENCH), "--quick", "--lrs", "0", "--out", "/nonexistent"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "--lrs: every LR must be > 0" in result.stderr
+    assert result.returncode == 2 and "--lrs/--lr-factors: every LR must be > 0" in result.stderr
