@@ -110,7 +110,7 @@ class LRScalingConfig(Section):
 
 class OptimConfig(Section):
     name: str = _f("sgd", "optimizer, registered in bigbatch.optim.registry: sgd, adam, adamw, adagrad, "
-                   "rmsprop, lars, lamb, lion, schedule_free_adamw, muon")
+                   "rmsprop, lars, lamb, lion, schedule_free_adamw, muon, soap (heavyball)")
     lr: float = _f(0.1, "base LR (at lr_scaling.base_batch)", gt=0)
     weight_decay: float = _f(0.0, "weight decay", ge=0)
     momentum: float = _f(0.9, "sgd/lars/rmsprop/muon momentum", ge=0, lt=1)

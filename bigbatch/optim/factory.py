@@ -81,6 +81,22 @@ def build_lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def build_soap(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """heavyball's SOAP (Vyas et al. 2024). heavyball compiles its step with torch.compile's
+    max-autotune by default, minutes of compiling on a CPU: compile on CUDA only."""
+    import warnings
+
+    import heavyball
+    import heavyball.utils
+
+    if not torch.cuda.is_available():
+        heavyball.utils.compile_mode = None
+    # The trainer sets every group's LR each step (schedules, batch ramps); heavyball supports that
+    # with multi_tensor (its default) and warns once that it is "experimental".
+    warnings.filterwarnings("ignore", message="Learning rate changed between steps")
+    return heavyball.SOAP(groups, lr=cfg.lr, betas=cfg.betas, eps=_eps(cfg, 1e-8), weight_decay=cfg.weight_decay)
+
+
 def build_schedule_free_adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     from bigbatch.optim.schedule_free import ScheduleFreeAdamW
 

@@ -26,6 +26,9 @@ class OptimizerSpec:
     hidden_matrix_state_bytes: int | None = None  # state per parameter of hidden matrices, when it
                                                   # differs from state_bytes (muon: 4, the rest 8)
     whole_matrices: bool = False      # orthogonalizes whole matrices (gathers FSDP shards; no DeepSpeed)
+    package: str | None = None        # a pip package the builder imports (an optional extra), checked
+                                      # before the run starts
+    strategies: tuple[str, ...] | None = None  # distributed.strategy values it runs under (None: all)
 
     def builder(self):
         return import_attribute(self.build)
@@ -58,3 +61,8 @@ register_optimizer("schedule_free_adamw",  # z and exp_avg_sq (y exists only in 
 # muon.py: a momentum buffer per hidden-matrix parameter, AdamW's two moments for the rest
 register_optimizer("muon", OptimizerSpec(f"{_F}:build_muon", 8, hidden_matrix_state_bytes=4, uses_momentum=True,
                                          groups="bigbatch.optim.muon:muon_param_groups", whole_matrices=True))
+# heavyball's SOAP (optional extra `soap`): Adam's two moments in the eigenbasis of Shampoo's Kronecker
+# factors; an m x n matrix also keeps both factors and both eigenbases, 8 (m² + n²) bytes: 16 B/param
+# more when square, counted as 24 B/param for every tensor (over for vectors, under for skinny
+# matrices). Its per-matrix preconditioners and state-dict layout are whole-tensor and unsharded.
+register_optimizer("soap", OptimizerSpec(f"{_F}:build_soap", 24, package="heavyball", strategies=("ddp", "diloco")))

@@ -3,6 +3,8 @@ bigbatch.validate."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from bigbatch.config import Config, split_batch
 from bigbatch.optim.batch_schedule import batch_schedule_from
 from bigbatch.optim.registry import optimizer_spec
@@ -23,10 +25,23 @@ def optim_problems(cfg: Config) -> list[str]:
     if optim.nesterov and optim.momentum == 0 and spec.uses_momentum:
         problems.append(f"optim.nesterov: Nesterov needs momentum > 0 ({optim.name}); set optim.nesterov: false "
                         "or optim.momentum such as 0.9")
-    problems += _apex_problems(optim)
+    problems += _apex_problems(optim) + _extra_problems(cfg, spec)
     if cfg.lr.name == "cyclic" and cfg.lr.cycle_samples is None:
         problems.append("lr.cycle_samples: required by the cyclic schedule")
     return problems + batch_schedule_problems(cfg)
+
+
+def _extra_problems(cfg: Config, spec) -> list[str]:
+    """An optimizer from an optional package: installed, and under a strategy it supports."""
+    name, problems = cfg.optim.name, []
+    if spec.package is not None and importlib.util.find_spec(spec.package) is None:
+        problems.append(f"optim.name: {name} comes from the '{spec.package}' package, which is not installed; "
+                        f"pip install 'bigbatch[{name}]' (or {spec.package} itself), or pick another optimizer")
+    if spec.strategies is not None and cfg.distributed.strategy not in spec.strategies:
+        problems.append(f"optim.name: {name} keeps whole-matrix preconditioners that bigbatch does not shard; "
+                        f"set distributed.strategy to {' or '.join(spec.strategies)}, not "
+                        f"'{cfg.distributed.strategy}'")
+    return problems
 
 
 def _apex_problems(optim) -> list[str]:

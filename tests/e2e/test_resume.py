@@ -24,9 +24,11 @@ def losses(run_dir) -> list[tuple[int, float, float]]:
 def run(tmp_path, name: str, batch: dict, die_at: int, kill_rank: int = 1, extra: dict | None = None):
     model = {"name": "tests.custom_components:DyingMLP",
              "kwargs": {"d_in": 8, "classes": 3, "die_rank": kill_rank, "die_at": die_at}}
+    extra = dict(extra or {})
+    optim = {"name": "adamw", "lr": 0.01, **extra.pop("optim", {})}
     raw = tiny_config(tmp_path, run={"name": name, "max_steps": STEPS}, batch=batch, model=model,
-                      optim={"name": "adamw", "lr": 0.01}, lr={"name": "cosine", "warmup_samples": 32},
-                      checkpoint={"every_steps": EVERY, "keep_last": 2}, **(extra or {}))
+                      optim=optim, lr={"name": "cosine", "warmup_samples": 32},
+                      checkpoint={"every_steps": EVERY, "keep_last": 2}, **extra)
     config = write_config(tmp_path / f"{name}.yaml", raw)
     # The kill switch (model.kwargs.die_at) differs between a killed run and its resume: opt in.
     return bigbatch("launch", "--nproc-per-node", "2", str(config), "--set", "distributed.timeout_s=60",
@@ -41,6 +43,7 @@ BATCHES = {
     "zero1": {"global_batch": 16, "micro_batch": 4},  # optimizer state gathered on rank 0 to save
     "zero3": {"global_batch": 16},     # FSDP2 shards: model and optimizer in step-N/dcp/
     "deepspeed": {"global_batch": 16},  # ZeRO-2 partitions in DeepSpeed's own files, step-N/deepspeed/
+    "soap": {"global_batch": 16},       # heavyball's SOAP: preconditioners in its own state-dict layout
     "ramp": {"global_batch": 32, "schedule": {"kind": "ramp", "start": 8, "increment": 8,
                                                "ramp_samples": 96}},
 }
@@ -50,6 +53,8 @@ BATCHES = {
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
     if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install '.[deepspeed]')")
+    if kind == "soap" and importlib.util.find_spec("heavyball") is None:
+        pytest.skip("heavyball is not installed (pip install '.[soap]')")
     batch = BATCHES[kind]
     accum = 2 if "micro_batch" in batch else 1
     kill_step = random.Random(kind).randint(EVERY + 1, STEPS - 1)
@@ -57,6 +62,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
         "powersgd": {"compression": {"method": "powersgd", "rank": 1, "start_step": 2,
                                      "min_compression_rate": 1.0}},
         "zero1": {"distributed": {"strategy": "zero1"}},
+        "soap": {"optim": {"name": "soap", "betas": [0.9, 0.95]}},
         "zero3": {"distributed": {"strategy": "zero3"}},
         "deepspeed": {"distributed": {"strategy": "deepspeed"}, "deepspeed": {"stage": 2}},
         "diloco": {"distributed": {"strategy": "diloco"},

@@ -1,0 +1,82 @@
+"""optim.name soap: heavyball's SOAP behind our factory, config rules and planner bytes. The optimizer
+itself is heavyball's (tested there); here: our builder hands it exactly the groups and hyperparameters
+of the config, it steps under the trainer's per-step LR changes, and the rules refuse what we cannot run."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from bigbatch.config import Config
+from bigbatch.optim.factory import build_optimizer, optimizer_param_groups
+from bigbatch.optim.registry import optimizer_spec
+from bigbatch.optim.rules import optim_problems
+from tests.conftest import tiny_config, write_config
+from tests.e2e.test_cli_launch import bigbatch
+
+heavyball = pytest.importorskip("heavyball")
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), torch.nn.LayerNorm(24), torch.nn.Linear(24, 3))
+
+
+def train(m: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 8) -> list[float]:
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:  # as the trainer's schedule does, every step
+            group["lr"] = 0.01 * (1 + step % 3)
+        x, y = torch.randn(32, 12, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_our_builder_equals_heavyball_soap_with_the_same_groups_and_hyperparameters():
+    cfg = Config.model_validate({"optim": {"name": "soap", "lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-7,
+                                           "weight_decay": 0.1}})
+    ours = model()
+    opt = build_optimizer(ours, cfg.optim)
+    assert isinstance(opt, heavyball.SOAP)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices decayed, vectors not
+    theirs = model()
+    reference = heavyball.SOAP(optimizer_param_groups(theirs, cfg.optim), lr=0.01, betas=(0.9, 0.95), eps=1e-7,
+                               weight_decay=0.1)
+    assert train(ours, opt) == train(theirs, reference)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+    plain = model()  # and it is not AdamW in disguise: the preconditioner changes the trajectory
+    adamw = torch.optim.AdamW(optimizer_param_groups(plain, cfg.optim), lr=0.01, betas=(0.9, 0.95), eps=1e-7)
+    train(plain, adamw)
+    assert not torch.allclose(plain[0].weight, ours[0].weight, atol=1e-4)
+
+
+def test_rules_name_the_package_and_the_strategies(monkeypatch):
+    assert optimizer_spec("soap").state_bytes == 24
+    ok = Config.model_validate({"optim": {"name": "soap"}})
+    assert optim_problems(ok) == []
+    sharded = Config.model_validate({"optim": {"name": "soap"}, "distributed": {"strategy": "zero2"}})
+    (problem,) = optim_problems(sharded)
+    assert "optim.name: soap" in problem and "ddp or diloco" in problem and "'zero2'" in problem
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "heavyball" else real(name, *a))
+    (problem,) = optim_problems(ok)
+    assert "'heavyball' package, which is not installed" in problem and "pip install 'bigbatch[soap]'" in problem
+
+
+@pytest.mark.e2e
+def test_cli_refuses_soap_under_zero3_in_one_line(tmp_path):
+    raw = tiny_config(tmp_path, optim={"name": "soap", "lr": 0.01}, distributed={"strategy": "zero3"})
+    result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # before any rank is spawned
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert problems == ["  - optim.name: soap keeps whole-matrix preconditioners that bigbatch does not shard; "
+                        "set distributed.strategy to ddp or diloco, not 'zero3'"]
+    assert not (tmp_path / "runs").exists()
