@@ -57,6 +57,17 @@ the bytes but not the loss at k=4 (four replicas each see a quarter of the batch
 paper's M=4 trails DDP more than M=2 too). Wall includes start-up and ten evaluations; at k=4 four
 ranks share two cores. k=4, H=50 outer probes (`--loopback --rows "k4 DiLoCo H50" --outer-lr L`):
 0.8/0.6 +4.23%, 1.0/0.6 1.5299 (+3.30%), 1.3/0.6 1.5974 (+7.86%); the default stays k=2's best.
+Synchronous warm start at k=4, H=50 (`diloco.warmup_steps` W: the first W steps data parallel),
+measured 2026-12-06 21:25-21:55 UTC with the machine shared (1-minute load 3-11 on 2 cores; losses do
+not depend on it): `--loopback --rows "k4 DiLoCo H50 W200" "k4 DiLoCo H50 W200 outer-lr 1"` plus the
+rows "k4 DiLoCo H50" and "... W100" run alone (`run_row`) against that run's DDP. Today's k4 DDP is
+1.4729 (the 2026-12-02 1.4810 predates later trainer changes: compare within one run). Val loss
+(gap): H50 1.5455 (+4.93%, 50x fewer sync bytes); W200 1.5215 (+3.30%, 8.5x: the 200 all-reduces
+are 168 of its 198 MB); W200 with outer lr 1.0 1.5190 (+3.13%, 8.5x); W100 1.5354 (+4.24%, 14.5x). The warm-up
+row equals DDP at step 200 (2.0927 vs 2.0925) but trails by 2.5% at step 400 (1.9033 vs 1.8567) and
+about 3% from there on: the first cycles give back what the warm-up gained. The warm start takes
+1.6 points off the gap, not down to 2%, and costs W gradient all-reduces; not tried for lack of
+time: H=25 (more outer steps) and outer momentum per k with a warm-up.
 Validation loss is measured on the last 2 % of the corpus every `eval_every` steps, a multiple of every
 H, so DiLoCo is always evaluated right after an outer step (all replicas equal theta_global).
 
@@ -70,7 +81,8 @@ Rows (default; about 41 minutes on 2 cores): k=2: DDP, DiLoCo H=10, 50, 100, H=5
 and with PowerSGD rank-4 pseudo-gradients; k=4: DDP, DiLoCo H=50, H=50 fp16. More with --rows,
 among them streaming DiLoCo at k=2, H=50: P = 2 and 4 fragments x tau = 0, 1, 5
 (`k2 DiLoCo H50 P4 tau1`; mixing 0), and int8 / int4 pseudo-gradients (`k2 DiLoCo H50 int8`,
-`... int4`, `... P4 tau5 int4`; not measured yet).
+`... int4`, `... P4 tau5 int4`; not measured yet), and synchronous warm starts at k=4
+(`k4 DiLoCo H50 W200`, `... W100`, `... W200 outer-lr 1`: a row's own outer lr).
 
 Streaming, measured 2026-12-06 with the machine shared (1-minute load 3.4 .. 7.1 on 2 cores, so step
 times are 2-3x the quiet ones): does tau hide the exchange? `--rate 5mbit --steps 200 --rows "k2
