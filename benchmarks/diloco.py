@@ -61,7 +61,10 @@ Synchronous warm start at k=4, H=50 (`diloco.warmup_steps` W: the first W steps 
 measured 2026-12-06 21:25-21:55 UTC with the machine shared (1-minute load 3-11 on 2 cores; losses do
 not depend on it): `--loopback --rows "k4 DiLoCo H50 W200" "k4 DiLoCo H50 W200 outer-lr 1"` plus the
 rows "k4 DiLoCo H50" and "... W100" run alone (`run_row`) against that run's DDP. Today's k4 DDP is
-1.4729 (the 2026-12-02 1.4810 predates later trainer changes: compare within one run). Val loss
+1.4729 against 1.4810 on 2026-12-02 (then on the netns link, now on loopback). Not a trainer change:
+k2 DDP's 30-step losses are bitwise those of 2026-12-02's code (22f16ff, `--loopback --steps 30
+--rows "k2 DDP"`); with 4 ranks gloo's summation order is not fixed, and 2000 steps amplify it.
+Compare gaps within one run. Val loss
 (gap): H50 1.5455 (+4.93%, 50x fewer sync bytes); W200 1.5215 (+3.30%, 8.5x: the 200 all-reduces
 are 168 of its 198 MB); W200 with outer lr 1.0 1.5190 (+3.13%, 8.5x); W100 1.5354 (+4.24%, 14.5x). The warm-up
 row equals DDP at step 200 (2.0927 vs 2.0925) but trails by 2.5% at step 400 (1.9033 vs 1.8567) and
