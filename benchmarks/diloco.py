@@ -344,17 +344,22 @@ def summarise(run_dir: Path, sync_delay: int = 0) -> dict:
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train or not evals:
         raise RuntimeError(f"{run_dir}: {len(train)} train rows and {len(evals)} eval rows in the metrics")
-    kinds = sorted({key.split("/", 1)[1] for r in train for key in r if key.startswith("comm_bytes/")})
-    kinds = [k for k in kinds if k not in DERIVED]
-    bytes_by_kind = {k: sum(r.get(f"comm_bytes/{k}", 0.0) for r in train) for k in kinds}
+    by_kind = bytes_by_kind(train)
     comm_s = sum(r.get(f"comm_s/{k}", 0.0) for r in train for k in SYNC_KINDS)
     return {"steps": len(train), "samples": train[-1]["samples"], "val_loss": evals[-1]["val_loss"],
-            "curve": [(e["samples"], e["val_loss"]) for e in evals], "bytes_by_kind": bytes_by_kind,
-            "sync_bytes": sum(v for k, v in bytes_by_kind.items() if k in SYNC_KINDS),
-            "total_bytes": sum(bytes_by_kind.values()), "comm_s": comm_s,
+            "curve": [(e["samples"], e["val_loss"]) for e in evals], "bytes_by_kind": by_kind,
+            "sync_bytes": sum(v for k, v in by_kind.items() if k in SYNC_KINDS),
+            "total_bytes": sum(by_kind.values()), "comm_s": comm_s,
             "step_s": statistics.median(r["step_time_s"] for r in train),
             "train_loss": statistics.fmean(r["loss"] for r in train[-10:]),
             **exchange_timing(train, sync_delay)}
+
+
+def bytes_by_kind(train: Sequence[dict]) -> dict[str, float]:
+    """Bytes per collective kind summed over training rows (`comm_bytes/<kind>`), sorted by kind;
+    the derived columns (totals, uncompressed equivalents) left out."""
+    kinds = sorted({key.split("/", 1)[1] for r in train for key in r if key.startswith("comm_bytes/")})
+    return {k: sum(r.get(f"comm_bytes/{k}", 0.0) for r in train) for k in kinds if k not in DERIVED}
 
 
 def exchange_timing(train: Sequence[dict], sync_delay: int) -> dict:

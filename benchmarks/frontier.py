@@ -81,8 +81,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: `benchmarks` and `bigbatch` importable
-from benchmarks.diloco import DERIVED  # noqa: E402
+from benchmarks.diloco import bytes_by_kind  # noqa: E402
 from benchmarks.large_batch import set_dotted  # noqa: E402
+from benchmarks.netns_ranks import clean_env  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
 NON_SYNC_KINDS = ("metrics", "diloco_init", "diloco_buffers")
@@ -164,10 +165,9 @@ def run_one(workload: Workload, variant: Variant, runs_dir: Path, quick: bool) -
     config = runs_dir / "configs" / f"{raw['run']['name']}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     start, load = time.perf_counter(), os.getloadavg()[0]
     result = subprocess.run([sys.executable, "-m", "bigbatch", "launch", "--nproc-per-node", "2", str(config)],
-                            cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                            cwd=REPO, env={**clean_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (runs_dir / f"{raw['run']['name']}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
@@ -184,9 +184,7 @@ def summarise(run_dir: Path, metric: str) -> dict:
     rows = read_metrics(run_dir / METRICS_FILE)
     train = [r for r in rows if r.get("kind", "train") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
-    kinds = {key.split("/", 1)[1] for r in train for key in r if key.startswith("comm_bytes/")}
-    kinds = sorted(kinds - set(DERIVED))
-    by_kind = {k: sum(r.get(f"comm_bytes/{k}", 0.0) for r in train) for k in kinds}
+    by_kind = bytes_by_kind(train)
     return {"steps": len(train), "quality": evals[-1][metric], "bytes_by_kind": by_kind,
             "sync_bytes": sum(v for k, v in by_kind.items() if k not in NON_SYNC_KINDS),
             "total_bytes": sum(by_kind.values())}
