@@ -45,3 +45,12 @@ def test_pareto_front_keeps_only_undominated_points():
     results = [{"variant": v, "sync_bytes": b, "quality": q} for v, b, q in losses]
     mark_front(results, higher_is_better=False)  # a loss: lower is better
     assert {r["variant"] for r in results if r["front"]} == {"none", "b", "c"}
+
+
+def test_an_unknown_variant_exits_2_in_one_line_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier.py"), "--variants", "powersgd r3",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--variants: unknown ['powersgd r3']" in result.stderr and "'powersgd r2'" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -40,3 +40,12 @@ def test_quick_run_prints_both_variants_and_writes_json_and_png(tmp_path):
     assert [r["name"] for r in rows] == ["none", "r2"] and all(r["steps"] == 3 for r in rows)
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in rows) and rows[0]["val_accuracy"] != rows[1]["val_accuracy"]
     assert (tmp_path / "powersgd_probes.png").stat().st_size > 0
+
+
+def test_an_unknown_variant_exits_2_in_one_line_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "powersgd_probes.py"), "--variants", "r3",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--variants: unknown ['r3']" in result.stderr and "'r2'" in result.stderr
+    assert not (tmp_path / "out").exists()
