@@ -10,6 +10,7 @@ does, the one with the best final quality.
                                         [--batches small large] [--lrs 0.01 0.03 | --lr-factors 1]
                                         [--epochs E]
                                         [--gpt-samples N] [--corpus PATH] [--out DIR] [--quick]
+    python benchmarks/time_to_target.py --merge A/time_to_target.json B/time_to_target.json [--out DIR]
 
 Workloads
 - mlp: Fashion-MNIST, MLP 784-1024-1024-10 (configs/fashion_mnist.yaml), batch 128 vs 4096, 2 epochs
@@ -46,6 +47,9 @@ every run of the sweep), OUT/time_to_target.json (every run with its curve), OUT
 (per workload: samples to target per optimizer at both batches; the best runs' quality vs samples).
 One process, torch.set_num_threads(1), the trainer built in-process (benchmarks/large_batch.py's
 train). `--quick` (the smoke test): sgd and muon, tiny models and budgets, the centre LR only.
+`--merge` trains nothing: it re-races the runs of several saved sweeps (a sweep split over processes, a
+grid extended afterwards with `--lrs`) together, the best LR chosen over all of them, and writes the same
+table, markdown, JSON and plot; sweeps of different targets or budgets are refused (exit 2).
 
 Measured
 --------
@@ -403,6 +407,50 @@ def plot(works: Sequence[Workload], best: Sequence[Run], path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- merging saved sweeps
+
+def load_runs(paths: Sequence[Path]) -> tuple[list[Workload], list[Run], list[str]]:
+    """Workloads, runs and headers of several time_to_target.json files (one sweep split over processes,
+    or a grid extended afterwards). A workload saved with two different targets or budgets cannot be
+    raced as one: ValueError naming both files."""
+    works: dict[str, tuple[Workload, Path]] = {}
+    runs, headers = [], []
+    for path in paths:
+        data = json.loads(path.read_text())
+        headers.append(f"{path}: {data['header']}")
+        for name, fields in data["targets"].items():
+            work = Workload(**{**fields, "batches": tuple(fields["batches"])})
+            if name in works and works[name][0] != work:
+                raise ValueError(f"--merge: {path} has {work} but {works[name][1]} has {works[name][0]}; "
+                                 f"merge only sweeps of the same workload settings")
+            works.setdefault(name, (work, path))
+        for record in data["runs"]:
+            record = {k: v for k, v in record.items() if k != "best"}
+            runs.append(Run(**{**record, "curve": [tuple(point) for point in record["curve"]]}))
+    return [work for work, _ in works.values()], runs, headers
+
+
+def best_per_group(works: Sequence[Workload], runs: Sequence[Run]) -> list[Run]:
+    """best_run of every (workload, optimizer, batch), in the workloads', OPTIMIZERS' and batches' order."""
+    order = {name: i for i, name in enumerate(OPTIMIZERS + EXTRA_OPTIMIZERS)}
+    by_name = {w.name: (i, w) for i, w in enumerate(works)}
+    groups: dict[tuple[str, str, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.workload, run.optimizer, run.batch), []).append(run)
+    keys = sorted(groups, key=lambda k: (by_name[k[0]][0], order[k[1]], k[2]))
+    return [best_run(by_name[k[0]][1], groups[k]) for k in keys]
+
+
+def report(works: Sequence[Workload], runs: Sequence[Run], best: Sequence[Run], out: Path, header: str) -> None:
+    print(header)
+    print(f"targets: {targets_line(works)}")
+    print(format_plain(table_rows(best), TABLE_HEAD))
+    write_outputs(works, runs, best, out, header)
+    plot(works, best, out / "time_to_target.png")
+    print(f"results: {out / 'time_to_target.md'}, {out / 'time_to_target.json'}; "
+          f"plot: {out / 'time_to_target.png'}")
+
+
 # --------------------------------------------------------------------------- main
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -433,7 +481,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              f"{CORPUS_GLOB})")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models and budgets, centre LR")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="train nothing: re-race the runs of these time_to_target.json files together "
+                             "(best LR over all of them) and write the table, markdown, JSON and plot to --out")
     args = parser.parse_args(argv)
+    missing = [str(p) for p in args.merge or [] if not p.is_file()]
+    if missing:
+        parser.error(f"--merge: {', '.join(missing)} not found; pass time_to_target.json files of earlier runs")
     args.workloads = args.workloads or (["mlp"] if args.quick else ["mlp", "gpt"])
     args.optimizers = args.optimizers or list(QUICK_OPTIMIZERS if args.quick else OPTIMIZERS)
     if args.epochs <= 0 or args.gpt_samples <= 0:
@@ -456,6 +510,14 @@ def lrs_for(args: argparse.Namespace, work: Workload, optimizer: str, batch: int
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        try:
+            works, runs, headers = load_runs(args.merge)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        report(works, runs, best_per_group(works, runs), args.out, "merged: " + "\n".join(headers))
+        return 0
     torch.set_num_threads(1)
     corpus = ((str(args.corpus), "*.txt" if args.corpus.is_dir() else "*") if args.corpus
               else (str(CORPUS), CORPUS_GLOB))
@@ -478,13 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     header = (f"time_to_target.py {' '.join(sys.argv[1:] if argv is None else argv)} -- started {started}, "
               f"1-min load {load[0]:.1f} at start, {end_load[0]:.1f} at end, on {os.cpu_count()} CPUs; "
               f"{sum(r.wall_s for r in runs):.0f} s of training")
-    print(header)
-    print(f"targets: {targets_line(works)}")
-    print(format_plain(table_rows(best), TABLE_HEAD))
-    write_outputs(works, runs, best, args.out, header)
-    plot(works, best, args.out / "time_to_target.png")
-    print(f"results: {args.out / 'time_to_target.md'}, {args.out / 'time_to_target.json'}; "
-          f"plot: {args.out / 'time_to_target.png'}")
+    report(works, runs, best, args.out, header)
     return 0
 
 

@@ -97,3 +97,36 @@ def test_bad_arguments_exit_2_naming_the_option():
     result = subprocess.run([sys.executable, str(BENCH), "--quick", "--lrs", "0", "--out", "/nonexistent"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--lrs/--lr-factors: every LR must be > 0" in result.stderr
+
+
+def test_merge_races_the_runs_of_several_sweeps_together(tmp_path, capsys):
+    from benchmarks.time_to_target import Run, Workload, main, write_outputs
+
+    work = Workload("gpt", (4, 128), 512, "val_loss", 2.0, False)
+
+    def run(optimizer, batch, lr, final, samples_to):
+        steps_to = None if samples_to is None else samples_to // batch
+        return Run("gpt", optimizer, batch, lr, 512 // batch, 512, final, steps_to, samples_to, None, 1.0, 1.0,
+                   [(256, 2.5), (512, final)])
+
+    # first sweep: muon's grid, and adamw whose best lr 0.01 sits at the grid's upper edge
+    write_outputs([work], [run("muon", 4, 0.01, 1.8, 300), run("adamw", 4, 0.003, 2.1, None),
+                           run("adamw", 4, 0.01, 1.9, 400)], [], tmp_path / "a", "sweep a")
+    # the grid extended upwards for adamw: 0.03 reaches 2.0 sooner and becomes the best
+    write_outputs([work], [run("adamw", 4, 0.03, 1.95, 320)], [], tmp_path / "b", "sweep b")
+    assert main(["--merge", str(tmp_path / "a" / "time_to_target.json"), str(tmp_path / "b" / "time_to_target.json"),
+                 "--out", str(tmp_path / "m")]) == 0
+    data = json.loads((tmp_path / "m" / "time_to_target.json").read_text())
+    assert len(data["runs"]) == 4 and data["targets"]["gpt"]["target"] == 2.0
+    assert sorted((r["optimizer"], r["lr"]) for r in data["runs"] if r["best"]) == [("adamw", 0.03), ("muon", 0.01)]
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in table if line.startswith("gpt ")] == ["adamw", "muon"]  # OPTIMIZERS order
+    assert (tmp_path / "m" / "time_to_target.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a sweep of another budget is not the same race
+    other = Workload("gpt", (4, 128), 1024, "val_loss", 2.0, False)
+    write_outputs([other], [run("sgd", 4, 0.1, 1.9, 400)], [], tmp_path / "c", "sweep c")
+    assert main(["--merge", str(tmp_path / "a" / "time_to_target.json"), str(tmp_path / "c" / "time_to_target.json"),
+                 "--out", str(tmp_path / "n")]) == 2
+    assert "merge only sweeps of the same workload settings" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
