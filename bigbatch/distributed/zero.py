@@ -192,6 +192,12 @@ class Zero1OptimizerState:
     `before_save()` must run on every rank (it is a collective: each rank sends its shard to rank 0);
     `state_dict()` (rank 0, after it) is the full optimizer state, indexed like an unsharded one and
     so loadable at any world size; `load_state_dict()` on every rank keeps the rank's own shard.
+
+    ZeroRedundancyOptimizer keeps only `state` and `param_groups` of the local optimizers' state dicts.
+    Any other top-level entry (heavyball's "heavyball": SOAP's preconditioner-refresh counters) is
+    taken from rank `to`'s local optimizer and handed back to every rank's local one on load. That is
+    exact for entries every rank advances alike (heavyball's count `step()` calls, which every rank
+    makes), not for per-parameter data, which belongs in `state`.
     """
 
     def __init__(self, optimizer, to: int = 0):
@@ -207,10 +213,20 @@ class Zero1OptimizerState:
             raise RuntimeError("Zero1OptimizerState.state_dict: call before_save() on every rank first "
                                "(the optimizer state is spread over the ranks)")
         self._consolidated = False  # one consolidation per save: a later save must not reuse it
-        return self.optimizer.state_dict()
+        return {**self.optimizer.state_dict(), **_extra_entries(self.optimizer.optim.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(copy.deepcopy(state))  # ZeRO blanks other ranks' entries in place
+        state = copy.deepcopy(state)  # ZeRO blanks other ranks' entries in place
+        extras = _extra_entries(state)
+        self.optimizer.load_state_dict({"state": state["state"], "param_groups": state["param_groups"]})
+        if extras:  # through the local optimizer's own load (its hooks read them), over its loaded shard
+            local = self.optimizer.optim
+            local.load_state_dict({**local.state_dict(), **extras})
+
+
+def _extra_entries(state: dict) -> dict:
+    """A state dict's top-level entries other than torch's own two."""
+    return {key: value for key, value in state.items() if key not in ("state", "param_groups")}
 
 
 class ShardedModelState:
@@ -444,15 +460,23 @@ def held_optimizer_bytes(optimizer: Any) -> int:
 
     For a ZeroRedundancyOptimizer the local optimizer's state is what the rank steps with; the outer
     `state` only refers to the same tensors after a load, so counting it would count them twice.
+    Nested states count too (heavyball keeps `{view index: {name: tensor or list of tensors}}`).
     """
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps the local one here
+    return sum(value.numel() * value.element_size() for value in _state_tensors(list(inner.state.values())))
+
+
+def _state_tensors(value: Any):
+    """Every tensor (DTensors: the local shard) inside nested dicts, lists and tuples."""
     from torch.distributed.tensor import DTensor
 
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps the local one here
-    total = 0
-    for state in inner.state.values():
-        for value in state.values():
-            if isinstance(value, DTensor):
-                value = value.to_local()
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
+    if isinstance(value, DTensor):
+        yield value.to_local()
+    elif isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _state_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _state_tensors(item)
