@@ -64,5 +64,7 @@ register_optimizer("muon", OptimizerSpec(f"{_F}:build_muon", 8, hidden_matrix_st
 # heavyball's SOAP (optional extra `soap`): Adam's two moments in the eigenbasis of Shampoo's Kronecker
 # factors; an m x n matrix also keeps both factors and both eigenbases, 8 (m² + n²) bytes: 16 B/param
 # more when square, counted as 24 B/param for every tensor (over for vectors, under for skinny
-# matrices). Its per-matrix preconditioners and state-dict layout are whole-tensor and unsharded.
-register_optimizer("soap", OptimizerSpec(f"{_F}:build_soap", 24, package="heavyball", strategies=("ddp", "diloco")))
+# matrices). Its per-matrix preconditioners need whole tensors: zero1 (whole parameters per rank) runs
+# it; FSDP's and DeepSpeed's shards would cut the matrices.
+register_optimizer("soap", OptimizerSpec(f"{_F}:build_soap", 24, package="heavyball",
+                                         strategies=("ddp", "zero1", "diloco")))

@@ -38,9 +38,12 @@ def _extra_problems(cfg: Config, spec) -> list[str]:
         problems.append(f"optim.name: {name} comes from the '{spec.package}' package, which is not installed; "
                         f"pip install 'bigbatch[{name}]' (or {spec.package} itself), or pick another optimizer")
     if spec.strategies is not None and cfg.distributed.strategy not in spec.strategies:
-        problems.append(f"optim.name: {name} keeps whole-matrix preconditioners that bigbatch does not shard; "
-                        f"set distributed.strategy to {' or '.join(spec.strategies)}, not "
-                        f"'{cfg.distributed.strategy}'")
+        *most, last = spec.strategies
+        choices = f"{', '.join(most)} or {last}" if most else last
+        why = " (zero1 shards its state by whole tensors)" if "zero1" in spec.strategies else ""
+        problems.append(f"optim.name: {name} keeps per-matrix preconditioners that bigbatch does not split "
+                        f"across ranks; set distributed.strategy to {choices}, not "
+                        f"'{cfg.distributed.strategy}'{why}")
     return problems
 
 

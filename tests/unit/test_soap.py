@@ -62,9 +62,14 @@ def test_rules_name_the_package_and_the_strategies(monkeypatch):
     assert optimizer_spec("soap").state_bytes == 24
     ok = Config.model_validate({"optim": {"name": "soap"}})
     assert optim_problems(ok) == []
-    sharded = Config.model_validate({"optim": {"name": "soap"}, "distributed": {"strategy": "zero2"}})
-    (problem,) = optim_problems(sharded)
-    assert "optim.name: soap" in problem and "ddp or diloco" in problem and "'zero2'" in problem
+    for strategy in ("ddp", "zero1", "diloco"):  # zero1: whole parameters per rank
+        allowed = Config.model_validate({"optim": {"name": "soap"}, "distributed": {"strategy": strategy}})
+        assert optim_problems(allowed) == [], strategy
+    for strategy in ("zero2", "zero3", "deepspeed"):  # FSDP's and DeepSpeed's shards cut the matrices
+        sharded = Config.model_validate({"optim": {"name": "soap"}, "distributed": {"strategy": strategy}})
+        (problem,) = optim_problems(sharded)
+        assert problem.startswith("optim.name: soap") and "ddp, zero1 or diloco" in problem, strategy
+        assert f"not '{strategy}'" in problem, strategy
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "heavyball" else real(name, *a))
     (problem,) = optim_problems(ok)
@@ -72,11 +77,13 @@ def test_rules_name_the_package_and_the_strategies(monkeypatch):
 
 
 @pytest.mark.e2e
-def test_cli_refuses_soap_under_zero3_in_one_line(tmp_path):
-    raw = tiny_config(tmp_path, optim={"name": "soap", "lr": 0.01}, distributed={"strategy": "zero3"})
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "deepspeed"])
+def test_cli_refuses_soap_under_sharded_strategies_in_one_line(tmp_path, strategy):
+    raw = tiny_config(tmp_path, optim={"name": "soap", "lr": 0.01}, distributed={"strategy": strategy})
     result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
     assert result.returncode == 2 and "Traceback" not in result.stderr  # before any rank is spawned
     problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
-    assert problems == ["  - optim.name: soap keeps whole-matrix preconditioners that bigbatch does not shard; "
-                        "set distributed.strategy to ddp or diloco, not 'zero3'"]
+    assert problems == ["  - optim.name: soap keeps per-matrix preconditioners that bigbatch does not split "
+                        f"across ranks; set distributed.strategy to ddp, zero1 or diloco, not '{strategy}' "
+                        "(zero1 shards its state by whole tensors)"]
     assert not (tmp_path / "runs").exists()
