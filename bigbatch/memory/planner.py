@@ -31,6 +31,9 @@ only while evaluating, when no activations are held, so it is not part of the tr
 muon 4 for hidden matrices (momentum; `hidden_matrix_params`: 12·d² a GPT block) and 8 for the
 AdamW rest (embeddings, head, biases, norms). Muon under zero2/zero3 also gathers one whole
 matrix's update at a time for Newton–Schulz (a few × the largest matrix, transient, not counted).
+soap 24 (heavyball's SOAP: two moments, and per matrix two Kronecker factors and two eigenbases);
+of these strategies it runs under ddp and zero1 only, where s·n / N holds up to whole-tensor granularity
+(ZeroRedundancyOptimizer balances whole parameters over the ranks).
 
 Activations (per rank, micro-batch b): saved + working set
 ----------------------------------------------------------
