@@ -188,6 +188,9 @@ class CompressionConfig(Section):
     warm_start: bool = _f(True, "powersgd: reuse Q between steps")
     orthogonalization: Literal["gram_schmidt", "qr"] = _f("gram_schmidt", "powersgd: how P is orthogonalized")
     seed: int = _f(0, "powersgd: seed of the initial Q")
+    factor_bits: Literal[0, 8, 4] = _f(0, "powersgd: 8 or 4 sends P and Q as int8/int4 codes with a float32 scale per "
+                                       "64 elements of a column (rank 8 at 8 bits costs about rank 2 in float32); "
+                                       "0: float32")
     time_collectives: bool = _f(
         False, "method none: average in bigbatch's Python comm hook to also time it (comm_s/grad_allreduce, "
         "~2 ms/step on CPU); off: DDP's own C++ all-reduce, bytes still counted")

@@ -27,6 +27,10 @@ Tuning guide
   approximation improves over steps on slowly-changing gradients. Costs the Q matrices.
 - `orthogonalization`: `gram_schmidt` (default, fine for small r, works in half precision) or `qr`
   (LAPACK/cuSOLVER; usually faster for r > 4; half precision falls back to Gram-Schmidt).
+- `factor_bits`: 8 or 4 sends P and Q as int8/int4 codes with a float32 scale per 64 elements of a
+  column (compression.quantize; all-gathered, dequantized and averaged in rank order), so rank 8 at
+  8 bits costs about what rank 2 costs in float32. Error feedback absorbs the rounding (the residual
+  is taken against the P and Q every rank received). 0 (default): float32 all-reduces.
 - `seed`: initial Q matrices. Every Q draw comes from a `torch.Generator` seeded by a hash of
   (seed, parameter name, how many Qs that name drew before), so every rank draws the same Q, and the
   draw does not depend on the order or grouping (DDP buckets) in which parameters arrive.
@@ -50,9 +54,11 @@ from torch import Tensor
 
 from bigbatch.compression.base import (Compressor, NamedGrads, all_reduce_flat,
                                        all_reduce_flat_async, payload_bytes)
+from bigbatch.compression.quantize import LEVELS, all_gather_mean, quantize, quantized_bytes
 from bigbatch.comm import Communicator
 
 ORTHOGONALIZATIONS = ("gram_schmidt", "qr")
+BLOCK = 64  # factor_bits: elements of a factor's column per float32 scale
 
 
 def q_seed(seed: int, name: str, draw: int) -> int:
@@ -97,7 +103,7 @@ class PowerSGD(Compressor):
 
     def __init__(self, rank: int = 2, start_step: int = 10, min_compression_rate: float = 2.0,
                  error_feedback: bool = True, warm_start: bool = True,
-                 orthogonalization: str = "gram_schmidt", seed: int = 0):
+                 orthogonalization: str = "gram_schmidt", seed: int = 0, factor_bits: int = 0):
         super().__init__()
         problems = []
         if not (isinstance(rank, int) and rank >= 1):
@@ -109,12 +115,15 @@ class PowerSGD(Compressor):
         if orthogonalization not in ORTHOGONALIZATIONS:
             problems.append(f"orthogonalization must be one of {ORTHOGONALIZATIONS}, "
                             f"got {orthogonalization!r}")
+        if factor_bits not in (0, *LEVELS):
+            problems.append(f"factor_bits must be 0 (float), 8 or 4, got {factor_bits!r}")
         if problems:
             raise ValueError("PowerSGD: " + "; ".join(problems))
         self.rank, self.start_step = rank, start_step
         self.min_compression_rate = min_compression_rate
         self.error_feedback, self.warm_start = error_feedback, warm_start
         self.orthogonalization, self.seed = orthogonalization, seed
+        self.factor_bits = factor_bits
         self._errors: dict[str, Tensor] = {}  # name -> residual, shaped like the gradient
         # name -> Q^T, (r, m) and contiguous, of the last step (warm start). One fixed layout, so
         # a resumed run takes the very same BLAS path and reproduces the bits.
@@ -131,9 +140,15 @@ class PowerSGD(Compressor):
         for d in shape[1:]:
             m *= d
         r = min(n, m, self.rank)
-        if r == 0 or n * m < self.min_compression_rate * (n + m) * r:
+        if r == 0 or 4 * n * m < self.min_compression_rate * self.factor_bytes(n, m, r):
             return 0
         return r
+
+    def factor_bytes(self, n: int, m: int, r: int) -> int:
+        """Bytes this rank sends for P (n x r) and Q (m x r): float32, or codes plus scales."""
+        if not self.factor_bits:
+            return 4 * (n + m) * r
+        return quantized_bytes((r, n), self.factor_bits, BLOCK) + quantized_bytes((r, m), self.factor_bits, BLOCK)
 
     # -- the algorithm -------------------------------------------------------------------------
     def reduce(self, named_grads: NamedGrads, comm: Communicator) -> None:
@@ -181,7 +196,7 @@ class PowerSGD(Compressor):
                 batches.append([offset, offset + n * r, (n, r)])
             torch.mm(mats[i], qs_in[i], out=ps[i])
             offset += n * r
-        comm.all_reduce(p_flat, "powersgd_p", op="sum")
+        self._sum_factors([ps[i].t() for i in order], p_flat, comm, "powersgd_p")
         for start, end, (n, r) in batches:
             orthogonalize_(p_flat[start:end].view(-1, n, r), self.orthogonalization)
 
@@ -194,7 +209,7 @@ class PowerSGD(Compressor):
             torch.mm(p.t(), mat, out=qt)
             qts.append(qt)
             offset += qt.numel()
-        comm.all_reduce(q_flat, "powersgd_q", op="avg")
+        self._sum_factors(qts, q_flat, comm, "powersgd_q", average=True)
 
         # The residual and the approximation are each one pass over M (memory-bound on CPU and GPU):
         # error = M - P Q^T as one fused addmm, then M = P Q^T.
@@ -206,6 +221,21 @@ class PowerSGD(Compressor):
                 item.grad.copy_(mat.view_as(item.grad))
             if self.warm_start:
                 self._q_ts[item.name] = qt  # a view of q_flat: no copy
+
+    def _sum_factors(self, factors_t: list[Tensor], flat: Tensor, comm: Communicator, kind: str,
+                     average: bool = False) -> None:
+        """All-reduce `flat` (sum or mean), the buffer behind `factors_t` (each factor transposed,
+        r x rows). Quantized, each factor is sent column by column (a column's blocks share scales:
+        the columns' magnitudes differ by the singular values) and the mean comes back; P's sum only
+        feeds an orthogonalization, so its mean serves as well."""
+        if not self.factor_bits:
+            comm.all_reduce(flat, kind, op="avg" if average else "sum")
+            return
+        columns = [f.contiguous() for f in factors_t]
+        quantized = [quantize(c, self.factor_bits, BLOCK) for c in columns]
+        means = all_gather_mean(quantized, [c.shape for c in columns], self.factor_bits, BLOCK, comm, kind)
+        for factor_t, mean in zip(factors_t, means):
+            factor_t.copy_(mean)
 
     def _initial_q_t(self, item: _Matrix) -> Tensor:
         """Q^T (r, m) to start from: last step's if warm, else a fresh draw of Q ~ N(0, 1)^(m x r)."""

@@ -100,6 +100,41 @@ def unpack_int4(packed: Tensor, numel: int) -> Tensor:
     return nibbles.to(torch.int8) - 8
 
 
+def all_gather_mean(quantized: list[tuple[Tensor, Tensor]], shapes: list[torch.Size], bits: int,
+                    block_size: int, comm: Communicator, kind: str) -> list[Tensor]:
+    """The group's mean of each tensor, from every rank's (codes, scales) of it: one all-gather of a
+    uint8 buffer recorded under `kind`, dequantized and summed in rank order (identical bits on
+    every rank), in float32 on the codes' device."""
+    gathered = comm.all_gather(_pack(quantized, bits), kind)
+    device = quantized[0][0].device
+    total = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
+    for buffer in gathered:  # rank order: every rank adds the same numbers in the same order
+        for acc, value in zip(total, _unpack(buffer, shapes, bits, block_size)):
+            acc += value
+    return [acc.div_(len(gathered)) for acc in total]
+
+
+def _pack(quantized: list[tuple[Tensor, Tensor]], bits: int) -> Tensor:
+    """One uint8 buffer: every tensor's scales first (float32, so aligned at offset 0), then codes."""
+    scales = torch.cat([s for _, s in quantized]).view(torch.uint8)
+    codes = [c.view(torch.uint8) if bits == 8 else pack_int4(c) for c, _ in quantized]
+    return torch.cat([scales, *codes])
+
+
+def _unpack(buffer: Tensor, shapes: list[torch.Size], bits: int, block_size: int) -> list[Tensor]:
+    counts = [group_count(s, block_size) for s in shapes]
+    scales = buffer[:SCALE_BYTES * sum(counts)].view(torch.float32).split(counts)
+    offset, values = SCALE_BYTES * sum(counts), []
+    for shape, scale in zip(shapes, scales):
+        numel = int(shape.numel())
+        size = numel if bits == 8 else -(-numel // 2)
+        chunk = buffer[offset:offset + size]
+        codes = chunk.view(torch.int8) if bits == 8 else unpack_int4(chunk, numel)
+        values.append(dequantize(codes, scale, shape, block_size))
+        offset += size
+    return values
+
+
 class Quantized(Compressor):
     """Average gradients as int8 or int4 codes with float32 scales; see the module docstring."""
 
@@ -123,38 +158,14 @@ class Quantized(Compressor):
         if self.error_feedback:
             for (name, g), x, (codes, scales) in zip(named, inputs, quantized):
                 self._errors[name] = x - dequantize(codes, scales, g.shape, self.block_size)
-        gathered = comm.all_gather(self._pack(quantized), self.kind)
-        shapes = [g.shape for _, g in named]
-        total = [torch.zeros(shape, dtype=torch.float32, device=g.device) for shape, (_, g) in zip(shapes, named)]
-        for buffer in gathered:  # rank order: every rank adds the same numbers in the same order
-            for acc, value in zip(total, self._unpack(buffer, shapes)):
-                acc += value
-        for (_, g), acc in zip(named, total):
-            g.copy_(acc.div_(len(gathered)))
+        means = all_gather_mean(quantized, [g.shape for _, g in named], self.bits, self.block_size, comm, self.kind)
+        for (_, g), mean in zip(named, means):
+            g.copy_(mean)
 
     def _with_error(self, name: str, grad: Tensor) -> Tensor:
         x = grad.detach().float()
         error = self._errors.get(name) if self.error_feedback else None
         return x if error is None else x + error.to(x.device)
-
-    def _pack(self, quantized: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """One uint8 buffer: every tensor's scales first (float32, so aligned at offset 0), then codes."""
-        scales = torch.cat([s for _, s in quantized]).view(torch.uint8)
-        codes = [c.view(torch.uint8) if self.bits == 8 else pack_int4(c) for c, _ in quantized]
-        return torch.cat([scales, *codes])
-
-    def _unpack(self, buffer: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-        counts = [group_count(s, self.block_size) for s in shapes]
-        scales = buffer[:SCALE_BYTES * sum(counts)].view(torch.float32).split(counts)
-        offset, values = SCALE_BYTES * sum(counts), []
-        for shape, scale in zip(shapes, scales):
-            numel = int(shape.numel())
-            size = numel if self.bits == 8 else -(-numel // 2)
-            chunk = buffer[offset:offset + size]
-            codes = chunk.view(torch.int8) if self.bits == 8 else unpack_int4(chunk, numel)
-            values.append(dequantize(codes, scale, shape, self.block_size))
-            offset += size
-        return values
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "errors": {n: t.detach().clone() for n, t in self._errors.items()}}

@@ -35,7 +35,8 @@ def ddp_settings(cfg: Config) -> dict[str, Any]:
     if comp.method == "torch_powersgd":
         kwargs: dict[str, Any] = dict(compressor=None, torch_powersgd=settings)
     else:
-        kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization, **settings))
+        kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization,
+                                                  factor_bits=comp.factor_bits, **settings))
     kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
     # The noise scale reads local gradients in the hook, so it needs bigbatch's hook even for none.
     kwargs["native_allreduce"] = (comp.method == "none" and not comp.time_collectives

@@ -194,4 +194,7 @@ def _compression_problems(cfg: Config) -> list[str]:
     if comp.method == "torch_powersgd" and comp.start_step <= 1 and (comp.error_feedback or comp.warm_start):
         return ["compression.start_step: torch's PowerSGD hook needs start_step >= 2 when error_feedback "
                 "or warm_start is on"]
+    if comp.factor_bits and comp.method != "powersgd":
+        return [f"compression.factor_bits: quantized P and Q are bigbatch's PowerSGD only; set "
+                f"compression.method: powersgd or factor_bits: 0 (method is {comp.method!r})"]
     return []

@@ -30,14 +30,39 @@ def make_grads(steps: int, world_size: int, seed: int = 0) -> list[list[dict[str
              for _ in range(world_size)] for _ in range(steps)]
 
 
+def roundtrip_columns(factor, bits):
+    """A factor (rows x r) as quantized P/Q travel: column by column in blocks of 64 consecutive
+    entries of its transpose, scale = max|x| / Q (Q = 127 or 7), x' = round(x / scale) * scale."""
+    levels = {8: 127, 4: 7}[bits]
+    flat = factor.t().reshape(-1)
+    out = torch.zeros_like(flat)
+    for start in range(0, flat.numel(), 64):
+        block = flat[start:start + 64]
+        scale = block.abs().max() / levels
+        if scale > 0:
+            out[start:start + 64] = torch.round(block / scale) * scale
+    return out.view(factor.shape[1], factor.shape[0]).t()
+
+
 def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0,
-                       error_feedback=True, warm_start=True):
+                       error_feedback=True, warm_start=True, factor_bits=0):
     """Outputs[step][name] of PowerSGD over all ranks' gradients, written straight from the paper
     (Vogels et al. 2019, Algorithm 1 with error feedback), one matrix at a time.
 
     Initial Q of a parameter: torch.randn(m, r) from a Generator seeded with the first 8 bytes
     (little endian, top bit cleared) of blake2b(f"{seed}:{name}:{draw}"), draw = 0, 1, ...
+    With factor_bits, each rank's P and Q are sent as `roundtrip_columns` and averaged (P's mean
+    instead of its sum: orthogonalization ignores the scale), and a matrix is compressed when its
+    float32 bytes are >= min_compression_rate x the quantized factors' bytes.
     """
+    def sent(factor):
+        return roundtrip_columns(factor, factor_bits) if factor_bits else factor
+
+    def factor_bytes(n, m, r):
+        if not factor_bits:
+            return 4 * (n + m) * r
+        return sum(r * (k if factor_bits == 8 else -(-k // 2)) + 4 * -(-r * k // 64) for k in (n, m))
+
     world = len(grads[0])
     errors = [{} for _ in range(world)]
     warm_q, draws, outputs = {}, {}, []
@@ -49,7 +74,7 @@ def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0
             n = shape[0]
             m = mean.numel() // n
             r = min(n, m, rank)
-            if step < start_step or len(shape) < 2 or n * m < min_compression_rate * (n + m) * r:
+            if step < start_step or len(shape) < 2 or 4 * n * m < min_compression_rate * factor_bytes(n, m, r):
                 out[name] = mean
                 continue
             ms = [g[name].reshape(n, m) + (errors[k].get(name, 0) if error_feedback else 0)
@@ -61,12 +86,12 @@ def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0
                 digest = hashlib.blake2b(f"{seed}:{name}:{draw}".encode(), digest_size=8).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
                 q = torch.randn(m, r, generator=gen)
-            p = sum(mk @ q for mk in ms)
+            p = sum(sent(mk @ q) for mk in ms) / (world if factor_bits else 1)
             for j in range(r):  # Gram-Schmidt, column by column
                 for i in range(j):
                     p[:, j] -= (p[:, i] @ p[:, j]) * p[:, i]
                 p[:, j] /= p[:, j].norm()
-            q = sum(mk.t() @ p for mk in ms) / world
+            q = sum(sent(mk.t() @ p) for mk in ms) / world
             approx = p @ q.t()
             warm_q[name] = q
             for k in range(world):
@@ -104,15 +129,51 @@ def assert_outputs_close(actual, expected, atol):
     dict(rank=4, start_step=1, error_feedback=False, seed=7),
 ], ids=["rank2", "no-warm-start", "no-error-feedback"])
 def test_simulated_ranks_match_reference(settings):
-    grads = make_grads(steps=5, world_size=3)
+    assert_ranks_match_reference(make_grads(steps=5, world_size=3), settings)
+
+
+def assert_ranks_match_reference(grads, settings):
+    """3 simulated ranks: each close to the reference, all bitwise equal to each other."""
     expected = reference_powersgd(grads, **settings)
     per_rank = run_local(_run_powersgd, 3, grads, settings)
     for outputs, _ in per_rank:
         assert_outputs_close(outputs, expected, atol=1e-4)
     for outputs, _ in per_rank[1:]:  # every rank applies the very same update
-        for step in range(5):
+        for step in range(len(grads)):
             for name in SHAPES:
                 assert torch.equal(outputs[step][name], per_rank[0][0][step][name])
+    return expected
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_factors_match_reference(bits):
+    settings = dict(rank=3, start_step=1, factor_bits=bits)
+    grads = make_grads(steps=5, world_size=3, seed=2)
+    expected = assert_ranks_match_reference(grads, settings)
+    plain = reference_powersgd(grads, rank=3, start_step=1)
+    error = (expected[-1]["2.weight"] - plain[-1]["2.weight"]).norm() / plain[-1]["2.weight"].norm()
+    assert error > 1e-3  # the rounding is real: the quantized run is not the float32 one
+
+
+def _count_quantized_bytes(comm):
+    compressor = PowerSGD(rank=2, start_step=0, factor_bits=8)
+    named = [(name, torch.randn(shape)) for name, shape in SHAPES.items()]
+    compressor.reduce(named, comm)
+    return comm.take_step_stats()
+
+
+def test_quantized_factor_bytes_match_the_analytic_count():
+    # int8, rank 2, blocks of 64 along each transposed factor (r x rows): r*rows codes + 4 per block.
+    #   0.weight (64, 32): P^T 2x64 128 + 4*2 = 136, Q^T 2x32 64 + 4*1 = 68; 4*2048 >= 2*204: compressed
+    #   2.weight (64, 64): P 136, Q 136
+    #   4.weight (3, 64): P^T 2x3 6 + 4 = 10, Q^T 136; 4*192 = 768 >= 2*146: compressed (float32: not)
+    #   conv (8, 36): P^T 2x8 16 + 4 = 20, Q^T 2x36 72 + 8 = 80; 4*288 >= 2*100: compressed
+    stats = run_local(_count_quantized_bytes, 2)[0]
+    assert stats["comm_bytes/powersgd_p"] == 136 + 136 + 10 + 20
+    assert stats["comm_bytes/powersgd_q"] == 68 + 136 + 136 + 80
+    assert stats["comm_bytes/powersgd_uncompressed"] == (64 + 64 + 3) * 4
+    assert PowerSGD(rank=2, factor_bits=8).compressed_rank((3, 64)) == 2
+    assert PowerSGD(rank=2).compressed_rank((3, 64)) == 0
 
 
 @pytest.mark.parametrize("orthogonalization", ["gram_schmidt", "qr"])
@@ -200,9 +261,9 @@ def _save_and_resume(comm, grads, settings, split):
     return first, apply_compressor(comm, uninterrupted, rest), apply_compressor(comm, resumed, rest)
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
-def test_state_dict_round_trip_continues_identically(warm_start):
-    settings = dict(rank=2, start_step=2, warm_start=warm_start)
+@pytest.mark.parametrize("warm_start, factor_bits", [(True, 0), (False, 0), (True, 4)])
+def test_state_dict_round_trip_continues_identically(warm_start, factor_bits):
+    settings = dict(rank=2, start_step=2, warm_start=warm_start, factor_bits=factor_bits)
     grads = make_grads(steps=7, world_size=2, seed=11)
     for _, continued, resumed in run_local(_save_and_resume, 2, grads, settings, 4):
         for a, b in zip(continued, resumed):
@@ -262,6 +323,8 @@ def test_factory():
         build_compressor("powersgd", rnak=2)
     with pytest.raises(ValueError, match="rank must be"):
         PowerSGD(rank=0)
+    with pytest.raises(ValueError, match="factor_bits must be 0 .float., 8 or 4, got 16"):
+        PowerSGD(factor_bits=16)
 
 
 def test_flatten_is_a_view_for_back_to_back_tensors_and_a_copy_otherwise():

@@ -194,3 +194,13 @@ def test_adaptive_batch_grows_at_most_to_the_training_set_by_default():
     # 1000 training samples, granularity 2: at most 1000, not 64 x 32 = 2048
     assert build_noise_monitor(cfg, strategy, runtime, lambda s: 32, 1000).adaptive.maximum == 1000
     assert build_noise_monitor(cfg, strategy, runtime, lambda s: 32, 10**6).adaptive.maximum == 2048
+
+
+def test_quantized_powersgd_factors_are_checked(tmp_path):
+    raw = tiny_config(tmp_path, compression={"method": "torch_powersgd", "factor_bits": 8})
+    [problem] = problems_of(tmp_path, raw)
+    assert problem.startswith("compression.factor_bits: quantized P and Q are bigbatch's PowerSGD only")
+    raw = tiny_config(tmp_path, compression={"method": "powersgd", "factor_bits": 16})
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert main(["train", str(config)]) == 2
+    assert not (tmp_path / "runs").exists()
