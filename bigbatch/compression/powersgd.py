@@ -174,68 +174,62 @@ class PowerSGD(Compressor):
         pending.wait()
 
     def _compress(self, items: list[_Matrix], comm: Communicator) -> None:
-        mats = [item.mat for item in items]
+        # Every matrix product reads tensors of their own allocation, never views at an offset into a
+        # DDP bucket or a flat buffer: CPU BLAS rounds differently with its operands' alignment, and a
+        # bucket's layout differs between a run's first step and later ones (DDP rebuilds it), so a
+        # resumed run would not reproduce the bits otherwise (the rank-2 kill-and-resume test).
         if self.error_feedback:
             errors = [self._state_tensor(self._errors, item.name, item.grad, zeros=True).view_as(item.mat)
                       for item in items]
-            torch._foreach_add_(mats, errors)
-        qs_in = [self._initial_q_t(item).t() for item in items]
-
-        # P blocks laid out grouped by shape (n, r), so each group is one (B, n, r) batch to
-        # orthogonalize; the order is the same on every rank.
-        order = sorted(range(len(items)), key=lambda i: (items[i].mat.shape[0], items[i].r))
-        p_flat = mats[0].new_empty(sum(items[i].mat.shape[0] * items[i].r for i in order))
-        ps: list[Tensor] = [mats[0]] * len(items)
-        batches, offset = [], 0
-        for i in order:
-            n, r = items[i].mat.shape[0], items[i].r
-            ps[i] = p_flat[offset:offset + n * r].view(n, r)
-            if batches and batches[-1][2] == (n, r):
-                batches[-1][1] = offset + n * r
-            else:
-                batches.append([offset, offset + n * r, (n, r)])
-            torch.mm(mats[i], qs_in[i], out=ps[i])
-            offset += n * r
-        self._sum_factors([ps[i].t() for i in order], p_flat, comm, "powersgd_p")
-        for start, end, (n, r) in batches:
-            orthogonalize_(p_flat[start:end].view(-1, n, r), self.orthogonalization)
+            works = torch._foreach_add([item.mat for item in items], errors)
+        else:
+            works = [item.mat.clone() for item in items]
+        ps = [torch.mm(work, self._initial_q_t(item).t()) for work, item in zip(works, items)]
+        self._reduce_factors([p.t() for p in ps], comm, "powersgd_p")
+        self._orthogonalize(ps)
 
         # Q is computed and sent transposed, (r, m) = P^T M: BLAS reads row-major M faster this way
         # than as M^T P (2x on CPU); the all-reduce does not care about the layout.
-        q_flat = mats[0].new_empty(sum(mat.shape[1] * item.r for mat, item in zip(mats, items)))
-        qts, offset = [], 0
-        for mat, p, item in zip(mats, ps, items):
-            qt = q_flat[offset:offset + mat.shape[1] * item.r].view(item.r, mat.shape[1])
-            torch.mm(p.t(), mat, out=qt)
-            qts.append(qt)
-            offset += qt.numel()
-        self._sum_factors(qts, q_flat, comm, "powersgd_q", average=True)
+        qts = [torch.mm(p.t(), work) for p, work in zip(ps, works)]
+        self._reduce_factors(qts, comm, "powersgd_q", average=True)
 
         # The residual and the approximation are each one pass over M (memory-bound on CPU and GPU):
         # error = M - P Q^T as one fused addmm, then M = P Q^T.
-        for i, (mat, p, qt, item) in enumerate(zip(mats, ps, qts, items)):
+        for i, (work, p, qt, item) in enumerate(zip(works, ps, qts, items)):
             if self.error_feedback:
-                torch.addmm(mat, p, qt, alpha=-1, out=errors[i])
-            torch.mm(p, qt, out=mat)
-            if mat.data_ptr() != item.grad.data_ptr():  # worked on a contiguous copy
-                item.grad.copy_(mat.view_as(item.grad))
+                torch.addmm(work, p, qt, alpha=-1, out=errors[i])
+            torch.mm(p, qt, out=item.mat)
+            if item.mat.data_ptr() != item.grad.data_ptr():  # worked on a contiguous copy
+                item.grad.copy_(item.mat.view_as(item.grad))
             if self.warm_start:
-                self._q_ts[item.name] = qt  # a view of q_flat: no copy
+                self._q_ts[item.name] = qt
 
-    def _sum_factors(self, factors_t: list[Tensor], flat: Tensor, comm: Communicator, kind: str,
-                     average: bool = False) -> None:
-        """All-reduce `flat` (sum or mean), the buffer behind `factors_t` (each factor transposed,
-        r x rows). Quantized, each factor is sent column by column (a column's blocks share scales:
-        the columns' magnitudes differ by the singular values) and the mean comes back; P's sum only
-        feeds an orthogonalization, so its mean serves as well."""
-        if not self.factor_bits:
-            comm.all_reduce(flat, kind, op="avg" if average else "sum")
-            return
+    def _orthogonalize(self, ps: list[Tensor]) -> None:
+        """Orthonormalize each P's columns in place, those of one shape as one (B, n, r) batch."""
+        by_shape: dict[torch.Size, list[Tensor]] = {}
+        for p in ps:
+            by_shape.setdefault(p.shape, []).append(p)
+        for same in by_shape.values():
+            batch = orthogonalize_(torch.stack(same), self.orthogonalization)
+            for p, done in zip(same, batch):
+                p.copy_(done)
+
+    def _reduce_factors(self, factors_t: list[Tensor], comm: Communicator, kind: str,
+                        average: bool = False) -> None:
+        """All-reduce every rank's factors, each given transposed (r x rows), in place: the sum, or
+        the mean if `average`. Quantized, each factor is sent column by column (a column's blocks
+        share scales: the columns' magnitudes differ by the singular values) and the mean comes
+        back; P's sum only feeds an orthogonalization, so its mean serves as well."""
         columns = [f.contiguous() for f in factors_t]
-        quantized = [quantize(c, self.factor_bits, BLOCK) for c in columns]
-        means = all_gather_mean(quantized, [c.shape for c in columns], self.factor_bits, BLOCK, comm, kind)
-        for factor_t, mean in zip(factors_t, means):
-            factor_t.copy_(mean)
+        if self.factor_bits:
+            quantized = [quantize(c, self.factor_bits, BLOCK) for c in columns]
+            reduced = all_gather_mean(quantized, [c.shape for c in columns], self.factor_bits, BLOCK, comm, kind)
+        else:
+            flat = torch.cat([c.view(-1) for c in columns])
+            comm.all_reduce(flat, kind, op="avg" if average else "sum")
+            reduced = flat.split([c.numel() for c in columns])
+        for factor_t, value in zip(factors_t, reduced):
+            factor_t.copy_(value.view_as(factor_t))
 
     def _initial_q_t(self, item: _Matrix) -> Tensor:
         """Q^T (r, m) to start from: last step's if warm, else a fresh draw of Q ~ N(0, 1)^(m x r)."""
