@@ -107,6 +107,9 @@ VARIANTS = (Variant("none"), Variant("fp16", {"compression.method": "fp16"}),
             Variant("bf16", {"compression.method": "bf16"}),
             *(Variant(f"powersgd r{r}", {"compression.method": "powersgd", "compression.rank": r})
               for r in (1, 2, 4, 8)),
+            *(Variant(f"powersgd r{r} int{bits}", {"compression.method": "powersgd", "compression.rank": r,
+                                                   "compression.factor_bits": bits})
+              for r, bits in ((4, 8), (8, 8), (12, 8), (16, 4))),
             *(diloco(h, codec) for h in (10, 20, 50) for codec in ("none", "fp16")),
             diloco(50, "int8"), diloco(50, "int4"))
 
