@@ -41,6 +41,10 @@ machine shared: 1-minute load 3.0 .. 8.0 on 2 cores, which moves the wall second
     powersgd r2         83.544     17.8   0.8522   -0.0412      powersgd r2       37.239     13.5   2.2835   +0.3427
     powersgd r4         90.977     16.4   0.8811   -0.0123      powersgd r4       57.917      8.7   2.1104   +0.1696
     powersgd r8        107.339     13.9   0.8875   -0.0059      powersgd r8       99.274      5.1   2.0059   +0.0652
+    pSGD r8 int8        84.010     17.7   0.8870   -0.0064      pSGD r8 int8      38.532     13.1   2.0051   +0.0643
+    pSGD r12 int8       87.541     17.0   0.8906   -0.0028      pSGD r12 int8     49.518     10.2   1.9776   +0.0368
+    (not run)                                                   pSGD r4 int8      27.546     18.3   2.1232   +0.1824
+    (not run)                                                   pSGD r16 int4     39.826     12.7   2.0558   +0.1150
     diloco H10         149.095     10.0   0.8919   -0.0015      diloco H10        50.427     10.0   1.9277   -0.0131 front
     diloco H10 fp16     74.548     20.0   0.8897   -0.0037      diloco H10 fp16   25.213     20.0   1.9278   -0.0130 front
     diloco H20          74.548     20.0   0.8890   -0.0044      diloco H20        25.213     20.0   1.9678   +0.0270
@@ -49,6 +53,13 @@ machine shared: 1-minute load 3.0 .. 8.0 on 2 cores, which moves the wall second
     diloco H50 fp16     14.910    100.0   0.8907   -0.0027 front diloco H50 fp16   5.043    100.0   2.0059   +0.0651
     diloco H50 int8      7.921    188.2   0.8899   -0.0035 front diloco H50 int8   2.679    188.2   2.0057   +0.0649
     diloco H50 int4      4.193    355.6   0.8883   -0.0051 front diloco H50 int4   1.418    355.6   2.0049   +0.0642 front
+
+The PowerSGD rows with int8/int4 factors (`compression.factor_bits`; "pSGD" above) were added on
+2026-12-06/07, 23:45-00:04 UTC, with `--workloads gpt --variants "powersgd r8 int8" "powersgd r4 int8"
+"powersgd r16 int4"`, then `--workloads demo --variants "powersgd r12 int8" "powersgd r8 int8"` and
+`--workloads gpt --variants "powersgd r12 int8"` (load 10-12; the plot in docs/frontier.png is the
+first run's, without them). At 8 bits rank 12 costs what rank 3 costs in float32 and ends 0.3 points
+(demo) and 1.9 % (GPT) from uncompressed; none of them reaches the front either.
 
 On both workloads the front is DiLoCo's: PowerSGD never is. Two reasons show in the table. Its plain
 steps before `compression.start_step` (10) dominate its bytes over a short run (74.5 of rank 2's 83.5
