@@ -178,10 +178,12 @@ class PowerSGD(Compressor):
         # DDP bucket or a flat buffer: CPU BLAS rounds differently with its operands' alignment, and a
         # bucket's layout differs between a run's first step and later ones (DDP rebuilds it), so a
         # resumed run would not reproduce the bits otherwise (the rank-2 kill-and-resume test).
+        # With error feedback the residual buffer (allocated once per parameter) becomes M + error in
+        # place and then, after the products, the new residual: no extra gradient-sized buffer.
         if self.error_feedback:
-            errors = [self._state_tensor(self._errors, item.name, item.grad, zeros=True).view_as(item.mat)
-                      for item in items]
-            works = torch._foreach_add([item.mat for item in items], errors)
+            works = [self._state_tensor(self._errors, item.name, item.grad, zeros=True).view_as(item.mat)
+                     for item in items]
+            torch._foreach_add_(works, [item.mat for item in items])
         else:
             works = [item.mat.clone() for item in items]
         ps = [torch.mm(work, self._initial_q_t(item).t()) for work, item in zip(works, items)]
@@ -195,10 +197,10 @@ class PowerSGD(Compressor):
 
         # The residual and the approximation are each one pass over M (memory-bound on CPU and GPU):
         # error = M - P Q^T as one fused addmm, then M = P Q^T.
-        for i, (work, p, qt, item) in enumerate(zip(works, ps, qts, items)):
-            if self.error_feedback:
-                torch.addmm(work, p, qt, alpha=-1, out=errors[i])
+        for work, p, qt, item in zip(works, ps, qts, items):
             torch.mm(p, qt, out=item.mat)
+            if self.error_feedback:
+                work.addmm_(p, qt, alpha=-1)
             if item.mat.data_ptr() != item.grad.data_ptr():  # worked on a contiguous copy
                 item.grad.copy_(item.mat.view_as(item.grad))
             if self.warm_start:
