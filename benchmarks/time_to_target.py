@@ -29,8 +29,8 @@ Optimizers (optim.name, lr_scaling none: the LR is the peak as written; 10% line
 to 0 (mlp) or to 10% (gpt); schedule-free AdamW keeps its LR constant after the warmup, as it is meant
 to): sgd (momentum 0.9), adamw, lamb, lars (trust coefficient 0.01, momentum 0.9), lion, schedule_free_adamw,
 muon (momentum 0.95, Nesterov; its AdamW part for head, biases and embeddings shares the LR); opt-in
-with --optimizers: soap (heavyball's, `pip install '.[soap]'`; AdamW's centres, weight decay, betas; on
-the GPT only, not on the MLP). Weight
+with --optimizers: soap (heavyball's, `pip install '.[soap]'`; AdamW's centres, weight decay, betas;
+measured on the GPT only, not on the MLP). Weight
 decay: 5e-4 for sgd/lars, 0.01 (mlp) / 0.1 (gpt) for the Adam family and Muon, 10x that for Lion (its
 LR is ~10x smaller and decay is multiplied by the LR). Adam-family betas 0.9/0.999 (mlp), 0.9/0.95 (gpt).
 
