@@ -436,7 +436,20 @@ def _resume(cfg: Any, checkpointer: Any, lineage: bool, is_main: bool) -> dict |
                           "those values, or start a new run") from None
     if meta is None:
         _fresh_start(cfg.run_dir, lineage, cfg.checkpoint.resume, checkpointer.log, is_main)
+    elif is_main:
+        for warning in inexact_resume_warnings(cfg):
+            checkpointer.log(warning)
     return meta
+
+
+def inexact_resume_warnings(cfg: Any) -> list[str]:
+    """What a resumed run of `cfg` cannot restore (it still runs; the user should know)."""
+    if cfg.compression.method == "torch_powersgd":
+        return ["warning: compression.method torch_powersgd: torch's hook keeps its error feedback, warm Q and "
+                "step count outside bigbatch's checkpoints, so they restart here (plain all-reduce for "
+                "compression.start_step steps) and this run will not match an uninterrupted one; "
+                "compression.method: powersgd resumes exactly"]
+    return []
 
 
 def _fresh_start(run_dir: Path, lineage: bool, resume: str, log: Callable[[str], None], is_main: bool) -> None:
