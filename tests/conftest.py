@@ -8,6 +8,8 @@ tests marked `gpu` are skipped where CUDA is not available. The Makefile's test 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,14 @@ pytest.register_assert_rewrite("tests.unit.optim_helpers")
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 REPO = Path(__file__).resolve().parents[1]
+
+
+
+def run_benchmark(script: str, *args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`python benchmarks/SCRIPT ARGS` in `cwd`, the repo importable, output captured."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=cwd)
+
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.exists(),
                                          reason="apt-get install dataset-fashion-mnist")

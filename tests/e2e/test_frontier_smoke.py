@@ -4,14 +4,11 @@ reports bytes that follow from the model's shapes; the Pareto front is checked o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks.frontier import mark_front
-from tests.conftest import REPO, needs_fashion_mnist
+from tests.conftest import needs_fashion_mnist, run_benchmark
 
 QUICK_PARAMS = 784 * 32 + 32 + 32 * 10 + 10  # --quick's demo MLP: hidden [32]
 QUICK_STEPS = 4
@@ -20,9 +17,8 @@ QUICK_STEPS = 4
 @pytest.mark.e2e
 @needs_fashion_mnist
 def test_quick_demo_frontier_counts_bytes_from_the_shapes(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier.py"), "--quick",
-                             "--workloads", "demo", "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=400, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    result = run_benchmark("frontier.py", "--quick", "--workloads", "demo", "--out", str(tmp_path),
+                           cwd=tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "frontier.json").read_text())["demo"]}
     assert list(rows) == ["none", "powersgd r2", "diloco H2 fp16"]
@@ -48,9 +44,8 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def test_an_unknown_variant_exits_2_in_one_line_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "frontier.py"), "--variants", "powersgd r3",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    result = run_benchmark("frontier.py", "--variants", "powersgd r3", "--out", str(tmp_path / "out"),
+                           cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--variants: unknown ['powersgd r3']" in result.stderr and "'powersgd r2'" in result.stderr
     assert not (tmp_path / "out").exists()

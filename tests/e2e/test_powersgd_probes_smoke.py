@@ -4,15 +4,12 @@ recovers a mean of rank-r matrices exactly and keeps each rank's residual as err
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from benchmarks.powersgd_probes import PowerSGD
-from tests.conftest import REPO, needs_fashion_mnist
+from tests.conftest import needs_fashion_mnist, run_benchmark
 
 
 def test_powersgd_recovers_a_low_rank_mean_and_keeps_the_residuals():
@@ -32,9 +29,7 @@ def test_powersgd_recovers_a_low_rank_mean_and_keeps_the_residuals():
 @pytest.mark.e2e
 @needs_fashion_mnist
 def test_quick_run_prints_both_variants_and_writes_json_and_png(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "powersgd_probes.py"), "--quick",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    result = run_benchmark("powersgd_probes.py", "--quick", "--out", str(tmp_path), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "powersgd_probes.json").read_text())
     assert [r["name"] for r in rows] == ["none", "r2"] and all(r["steps"] == 3 for r in rows)
@@ -43,9 +38,8 @@ def test_quick_run_prints_both_variants_and_writes_json_and_png(tmp_path):
 
 
 def test_an_unknown_variant_exits_2_in_one_line_and_writes_nothing(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "powersgd_probes.py"), "--variants", "r3",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    result = run_benchmark("powersgd_probes.py", "--variants", "r3", "--out", str(tmp_path / "out"),
+                           cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--variants: unknown ['r3']" in result.stderr and "'r2'" in result.stderr
     assert not (tmp_path / "out").exists()
