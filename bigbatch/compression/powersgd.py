@@ -195,8 +195,8 @@ class PowerSGD(Compressor):
         qts = [torch.mm(p.t(), work) for p, work in zip(ps, works)]
         self._reduce_factors(qts, comm, "powersgd_q", average=True)
 
-        # The residual and the approximation are each one pass over M (memory-bound on CPU and GPU):
-        # error = M - P Q^T as one fused addmm, then M = P Q^T.
+        # The approximation and the residual are each one pass over M (memory-bound on CPU and GPU):
+        # M = P Q^T into the gradient, then error = (M + error) - P Q^T as one fused in-place addmm.
         for work, p, qt, item in zip(works, ps, qts, items):
             torch.mm(p, qt, out=item.mat)
             if self.error_feedback:
