@@ -188,6 +188,10 @@ class CompressionConfig(Section):
     warm_start: bool = _f(True, "powersgd: reuse Q between steps")
     orthogonalization: Literal["gram_schmidt", "qr"] = _f("gram_schmidt", "powersgd: how P is orthogonalized")
     seed: int = _f(0, "powersgd: seed of the initial Q")
+    target_ratio: Optional[float] = _f(
+        None, "powersgd: choose the rank instead of setting it: the largest rank whose compressed steps send at least "
+        "this many times fewer bytes than the float32 all-reduce (100 with factor_bits 8: rank 13 on the demo)",
+        gt=1)
     factor_bits: Literal[0, 8, 4] = _f(0, "powersgd: 8 or 4 sends P and Q as int8/int4 codes with a float32 scale per "
                                        "64 elements of a column (rank 8 at 8 bits costs about rank 2 in float32); "
                                        "0: float32")

@@ -27,7 +27,7 @@ def build_strategy(cfg: Config, model: nn.Module, runtime: Any) -> Strategy:
     return strategy_spec(cfg.distributed.strategy).builder()(cfg, model, runtime)
 
 
-def ddp_settings(cfg: Config) -> dict[str, Any]:
+def ddp_settings(cfg: Config, model: nn.Module, runtime: Any) -> dict[str, Any]:
     """DDPStrategy's keyword arguments: the gradient compressor and how plain averaging runs."""
     comp = cfg.compression
     settings = dict(rank=comp.rank, start_step=comp.start_step, min_compression_rate=comp.min_compression_rate,
@@ -37,6 +37,8 @@ def ddp_settings(cfg: Config) -> dict[str, Any]:
     else:
         kwargs = dict(compressor=build_compressor(comp.method, orthogonalization=comp.orthogonalization,
                                                   factor_bits=comp.factor_bits, **settings))
+        if comp.target_ratio is not None:
+            fit_powersgd_rank(kwargs["compressor"], model, comp.target_ratio, runtime.is_main)
     kwargs["bucket_cap_mb"] = cfg.distributed.bucket_cap_mb
     # The noise scale reads local gradients in the hook, so it needs bigbatch's hook even for none.
     kwargs["native_allreduce"] = (comp.method == "none" and not comp.time_collectives
@@ -44,12 +46,22 @@ def ddp_settings(cfg: Config) -> dict[str, Any]:
     return kwargs
 
 
+def fit_powersgd_rank(compressor: Any, model: nn.Module, target_ratio: float, announce: bool) -> None:
+    """compression.target_ratio: the rank from the shapes of the gradients DDP will average."""
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    rank = compressor.fit_rank(shapes, target_ratio)
+    if announce:
+        sent, full = compressor.step_bytes(shapes), 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"compression: PowerSGD rank {rank} (target_ratio {target_ratio:g}): {sent:,} B a compressed "
+              f"step, {full / sent:.1f}x fewer than the all-reduce", flush=True)
+
+
 def build_ddp(cfg: Config, model: nn.Module, runtime: Any) -> DDPStrategy:
-    return DDPStrategy(model, runtime.device, **ddp_settings(cfg))
+    return DDPStrategy(model, runtime.device, **ddp_settings(cfg, model, runtime))
 
 
 def build_zero1(cfg: Config, model: nn.Module, runtime: Any) -> Zero1Strategy:
-    return Zero1Strategy(model, runtime.device, **ddp_settings(cfg))
+    return Zero1Strategy(model, runtime.device, **ddp_settings(cfg, model, runtime))
 
 
 def build_fsdp(cfg: Config, model: nn.Module, runtime: Any) -> ShardedStrategy:

@@ -194,6 +194,12 @@ def _compression_problems(cfg: Config) -> list[str]:
     if comp.method == "torch_powersgd" and comp.start_step <= 1 and (comp.error_feedback or comp.warm_start):
         return ["compression.start_step: torch's PowerSGD hook needs start_step >= 2 when error_feedback "
                 "or warm_start is on"]
+    if comp.target_ratio is not None and comp.method != "powersgd":
+        return [f"compression.target_ratio: choosing the rank by bytes is bigbatch's PowerSGD only; set "
+                f"compression.method: powersgd or remove target_ratio (method is {comp.method!r})"]
+    if comp.target_ratio is not None and "rank" in comp.model_fields_set:
+        return ["compression.target_ratio: it chooses the rank, so compression.rank cannot be set too; "
+                "remove one of them"]
     if comp.factor_bits and comp.method != "powersgd":
         return [f"compression.factor_bits: quantized P and Q are bigbatch's PowerSGD only; set "
                 f"compression.method: powersgd or factor_bits: 0 (method is {comp.method!r})"]

@@ -40,6 +40,21 @@ def test_powersgd_run_counts_bytes_and_noise_scale(tmp_path):
     assert noise and all(v > 0 for v in noise)
 
 
+def test_target_ratio_chooses_the_rank_from_the_model(tmp_path):
+    # MLP 8 -> 64 -> 64 -> 3: 4931 floats, 19,724 B. Every compressed step must send >= 5x fewer (3,944 B).
+    # Rank 3: P 4·(64+64)·3 = 1536, Q 4·(8+64)·3 = 864; the 3x64 head goes plain (rank 2 or more does not
+    # shrink it 2x) with the biases: 4·(192+131) = 1292. Total 3692 B. Rank 4 sends the 64x8 matrix plain
+    # too: 5388 B, over the budget.
+    raw = tiny_config(tmp_path, model={"hidden": [64, 64]}, run={"max_steps": 3},
+                      compression={"method": "powersgd", "target_ratio": 5, "start_step": 1})
+    result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compression: PowerSGD rank 3 (target_ratio 5): 3,692 B a compressed step" in result.stdout
+    last = train_rows(tmp_path / "runs" / "tiny")[-1]
+    assert (last["comm_bytes/powersgd_p"], last["comm_bytes/powersgd_q"]) == (1536, 864)
+    assert last["comm_bytes/powersgd_uncompressed"] == 1292
+
+
 def test_adaptive_batch_grows_and_lr_follows_the_scaling_rule(tmp_path):
     # Noise scales on this problem are in the tens; factor 8 asks for hundreds, clamped to max 64.
     raw = tiny_config(tmp_path, run={"max_steps": 12},

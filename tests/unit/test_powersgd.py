@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 
 import pytest
@@ -44,6 +45,26 @@ def roundtrip_columns(factor, bits):
     return out.view(factor.shape[1], factor.shape[0]).t()
 
 
+def reference_factor_bytes(n, m, r, factor_bits):
+    """Bytes of P (n x r) and Q (m x r): float32, or int8/int4 codes plus a float32 scale per 64."""
+    if not factor_bits:
+        return 4 * (n + m) * r
+    return sum(r * (k if factor_bits == 8 else -(-k // 2)) + 4 * -(-r * k // 64) for k in (n, m))
+
+
+def reference_step_bytes(shapes, rank, factor_bits, min_compression_rate=2.0):
+    """Bytes a rank sends in a compressed step: factors of the matrices worth compressing, the rest plain."""
+    total = 0
+    for shape in shapes:
+        n, m = shape[0], math.prod(shape[1:])
+        r = min(n, m, rank)
+        if len(shape) < 2 or 4 * n * m < min_compression_rate * reference_factor_bytes(n, m, r, factor_bits):
+            total += 4 * n * m
+        else:
+            total += reference_factor_bytes(n, m, r, factor_bits)
+    return total
+
+
 def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0,
                        error_feedback=True, warm_start=True, factor_bits=0):
     """Outputs[step][name] of PowerSGD over all ranks' gradients, written straight from the paper
@@ -58,11 +79,6 @@ def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0
     def sent(factor):
         return roundtrip_columns(factor, factor_bits) if factor_bits else factor
 
-    def factor_bytes(n, m, r):
-        if not factor_bits:
-            return 4 * (n + m) * r
-        return sum(r * (k if factor_bits == 8 else -(-k // 2)) + 4 * -(-r * k // 64) for k in (n, m))
-
     world = len(grads[0])
     errors = [{} for _ in range(world)]
     warm_q, draws, outputs = {}, {}, []
@@ -74,7 +90,7 @@ def reference_powersgd(grads, rank, start_step, min_compression_rate=2.0, seed=0
             n = shape[0]
             m = mean.numel() // n
             r = min(n, m, rank)
-            if step < start_step or len(shape) < 2 or 4 * n * m < min_compression_rate * factor_bytes(n, m, r):
+            if step < start_step or len(shape) < 2 or 4 * n * m < min_compression_rate * reference_factor_bytes(n, m, r, factor_bits):
                 out[name] = mean
                 continue
             ms = [g[name].reshape(n, m) + (errors[k].get(name, 0) if error_feedback else 0)
@@ -174,6 +190,36 @@ def test_quantized_factor_bytes_match_the_analytic_count():
     assert stats["comm_bytes/powersgd_uncompressed"] == (64 + 64 + 3) * 4
     assert PowerSGD(rank=2, factor_bits=8).compressed_rank((3, 64)) == 2
     assert PowerSGD(rank=2).compressed_rank((3, 64)) == 0
+
+
+DEMO_SHAPES = [(1024, 784), (1024,), (1024, 1024), (1024,), (10, 1024), (10,)]  # configs/fashion_mnist.yaml
+
+
+@pytest.mark.parametrize("factor_bits", [0, 8, 4])
+@pytest.mark.parametrize("target_ratio", [20, 100, 150])
+def test_target_ratio_chooses_the_largest_rank_within_the_byte_budget(factor_bits, target_ratio):
+    full = 4 * sum(math.prod(s) for s in DEMO_SHAPES)
+    compressor = PowerSGD(factor_bits=factor_bits)
+    rank = compressor.fit_rank(DEMO_SHAPES, target_ratio)
+    assert compressor.rank == rank
+    assert reference_step_bytes(DEMO_SHAPES, rank, factor_bits) * target_ratio <= full
+    assert reference_step_bytes(DEMO_SHAPES, rank + 1, factor_bits) * target_ratio > full
+    assert compressor.step_bytes(DEMO_SHAPES) == reference_step_bytes(DEMO_SHAPES, rank, factor_bits)
+
+
+def test_target_ratio_out_of_reach_names_the_key_and_the_most_it_can_do():
+    shapes = [(64, 64), (4096,)]  # the plain vector alone is half the bytes: ratio < 2 at any rank
+    with pytest.raises(ValueError, match=r"compression.target_ratio: 10 is out of reach .*\(16,384 B of it in "
+                                         r"tensors sent plain.* set target_ratio <= 1.9$"):
+        PowerSGD().fit_rank(shapes, 10)
+    # Where int8 factors would reach it, the message says so too: (64 + 64) x 4 B at rank 1 is 2048x /
+    # 512 B = 32x fewer in float32, about 110x in int8.
+    with pytest.raises(ValueError, match=r"set target_ratio <= 32 or factor_bits: 8$"):
+        PowerSGD().fit_rank([(64, 64)], 100)
+    assert PowerSGD().fit_rank(shapes, 1.9) == 1  # the bound it names is reachable
+    # 8x8 (256 B): rank 2 sends 128 B (2x); rank 3's 192 B are not 2x smaller (min_compression_rate),
+    # so the matrix would go plain: the choice stops at 2.
+    assert PowerSGD().fit_rank([(8, 8)], 1.5) == 2
 
 
 @pytest.mark.parametrize("orthogonalization", ["gram_schmidt", "qr"])

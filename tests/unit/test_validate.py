@@ -196,6 +196,18 @@ def test_adaptive_batch_grows_at_most_to_the_training_set_by_default():
     assert build_noise_monitor(cfg, strategy, runtime, lambda s: 32, 10**6).adaptive.maximum == 2048
 
 
+def test_target_ratio_is_checked(tmp_path):
+    raw = tiny_config(tmp_path, compression={"method": "fp16", "target_ratio": 100})
+    [problem] = problems_of(tmp_path, raw)
+    assert problem.startswith("compression.target_ratio: choosing the rank by bytes is bigbatch's PowerSGD only")
+    raw = tiny_config(tmp_path, compression={"method": "powersgd", "target_ratio": 100, "rank": 4})
+    [problem] = problems_of(tmp_path, raw)
+    assert problem.startswith("compression.target_ratio: it chooses the rank, so compression.rank cannot be set")
+    raw = tiny_config(tmp_path, compression={"method": "powersgd", "target_ratio": 1})
+    assert main(["train", str(write_config(tmp_path / "c.yaml", raw))]) == 2  # must be > 1
+    assert not (tmp_path / "runs").exists()
+
+
 def test_quantized_powersgd_factors_are_checked(tmp_path):
     raw = tiny_config(tmp_path, compression={"method": "torch_powersgd", "factor_bits": 8})
     [problem] = problems_of(tmp_path, raw)
