@@ -3,16 +3,26 @@
 The LR grows exponentially from --min-lr to --max-lr over --steps optimizer steps (the configured
 schedule and scaling rule are bypassed), the sweep stops once the loss diverges, and the suggested
 LR is where the smoothed loss falls fastest. Nothing of the real run is touched: no checkpoints,
-no metrics.jsonl; only RUN_DIR/lr_find.png (and lr_find.json) are written. The suggestion is an LR
-at the configured global batch; `optim_lr` in lr_find.json is the value for `optim.lr`, which the
+no metrics.jsonl; only RUN_DIR/lr_find.png (and lr_find.json) are written, each whole or not at all
+(temp file, rename). Rank 0 holds the run directory's lock for the whole sweep, as `train` does, so a
+sweep never writes into a directory that a training run or another sweep is using. The suggestion is an
+LR at the configured global batch; `optim_lr` in lr_find.json is the value for `optim.lr`, which the
 scaling rule reads at `optim.lr_scaling.base_batch`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+from pathlib import Path
+from typing import Iterator
 
+import torch
+
+from bigbatch.checkpoint.durable import write_durably
+from bigbatch.checkpoint.rundir import RunDirError, RunDirLock, release_run_dir
 from bigbatch.training.build import build_trainer
 from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
@@ -40,7 +50,36 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     cfg.checkpoint.at_end, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes = False, None, None
     cfg.checkpoint.resume = "never"
     cfg.eval.at_end, cfg.eval.every_steps = False, None
-    trainer = build_trainer(cfg, runtime)
+    trainer = build_trainer(cfg, runtime)  # bad input fails here, before the run dir is touched
+    with run_dir_locked(cfg.run_dir, runtime, trainer):
+        return sweep(cfg, runtime, trainer, min_lr, max_lr, steps)
+
+
+@contextlib.contextmanager
+def run_dir_locked(run_dir: Path, runtime: Runtime, trainer) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR/.lock while the body runs. Held by a live run (train or lr-find), every rank
+    stops before writing anything: rank 0 with train's one-line RunDirError naming the holder, the
+    others with exit code 2 (the refusal is agreed over ranks, so none is left waiting in a collective)."""
+    error = None
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            RunDirLock(run_dir).acquire(trainer.progress.write)
+        except RunDirError as err:
+            error = err
+    refused = torch.tensor([float(error is not None)], device=runtime.device)
+    if trainer.strategy.all_reduce_max(refused).item() > 0:
+        if error is not None:
+            raise error
+        raise SystemExit(2)
+    try:
+        yield
+    finally:
+        if runtime.is_main:
+            release_run_dir(run_dir)
+
+
+def sweep(cfg: Config, runtime: Runtime, trainer, min_lr: float, max_lr: float, steps: int) -> dict:
     trainer.metrics = MetricsWriter(cfg.run_dir, enabled=False, tensorboard=False)
     lrs = exponential_lrs(min_lr, max_lr, steps)
     trainer.lr_at = SweepLR(lrs, trainer.counters)
@@ -63,8 +102,7 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     result = {"lrs": tried, "losses": losses, "suggested_lr": suggested, "global_batch": cfg.batch.global_batch,
               "optim_lr": suggested / lr_scale(cfg)}
     if runtime.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "lr_find.json").write_text(json.dumps(result))
+        write_durably(cfg.run_dir / "lr_find.json", json.dumps(result).encode())  # a killed sweep: old file
         result["plot"] = str(plot_sweep(result, cfg.run_dir / "lr_find.png"))
     return result
 
@@ -92,6 +130,8 @@ def plot_sweep(result: dict, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    write_durably(path, image.getvalue())
     return path
