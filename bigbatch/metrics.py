@@ -3,7 +3,8 @@
 Only the main rank writes. On resume, rows newer than the checkpoint are dropped first
 (`truncate_after`), so the file keeps appending without duplicate steps; a torn last line (a kill
 or a full disk mid-write) is dropped with a warning. TensorBoard's x-axis is samples: a writer
-opened after a resume purges the points past the checkpoint (`purge_step`). `sync()` (flush and
+opened after a resume purges the points past the checkpoint (`purge_step`), and so does a loss-guard
+rollback (`rewind`), while metrics.jsonl keeps the rolled-back rows after it. `sync()` (flush and
 fsync) runs before every checkpoint, so a checkpoint never points past rows that are not on disk.
 """
 
@@ -242,6 +243,18 @@ class MetricsWriter:
         """Training (re)starts after `samples`: TensorBoard hides points of an earlier life of the run
         beyond it (x = samples; the checkpoint's own row at `samples` stays)."""
         self.purge_step = samples + 1 if samples > 0 else None
+
+    def rewind(self, samples: int) -> None:
+        """A rollback restored the state after `samples`: TensorBoard hides its points beyond it, so each
+        x shows the values of the training that went on. metrics.jsonl keeps every row (never erased)."""
+        if self.tb is None:  # not open yet: it opens with this purge step
+            self.start_at(samples)
+            return
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        # What SummaryWriter(purge_step=) writes, into the open file: a second event file could sort
+        # before this one (same second, name by counter), and readers load files in name order.
+        self.tb.file_writer.add_event(Event(step=samples + 1, session_log=SessionLog(status=SessionLog.START)))
 
     def _open(self) -> None:
         """Opened on the first row, so a resume can first drop rows newer than its checkpoint."""

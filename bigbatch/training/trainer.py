@@ -248,11 +248,12 @@ class Trainer:
             self.counters.step += 1
             return
         meta = self.checkpointer.load(path)
+        self.metrics.rewind(self.counters.samples)  # TensorBoard: the steps retrained replace the old
         skipped = self.guard.after_rollback(meta["step"])
         while self.guard.take_skip():
             self.counters.samples += self.batch_at(self.counters.samples)
         self.metrics.write({"kind": "guard", "event": "rollback", "step": meta["step"],
-                            "samples": self.counters.samples, "skipped_batches": skipped})
+                            "samples": self.counters.samples, "skipped_batches": skipped}, prefix="guard")
 
     def announce_batch(self, batch: int) -> None:
         """Log the derived per-rank split and peak LR at the start and whenever the batch changes."""
