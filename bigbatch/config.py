@@ -49,6 +49,10 @@ def _count(default: Any, doc: str, **kw: Any) -> Any:
 
 
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+# Layers and blocks are built one module at a time, so a hostile count would hang the build before any
+# memory check could run (bigbatch.models.size counts parameters on the meta device, not modules).
+MAX_LAYERS = 4096
+LayerCount = Annotated[int, Field(gt=0, le=MAX_LAYERS)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -87,10 +91,11 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     name: str = _f("mlp", "mlp | resnet | gpt | 'pkg.module:Class'")
-    hidden: list[PositiveInt] = _f([256, 256], "mlp: hidden layer widths")
+    hidden: list[PositiveInt] = _f([256, 256], "mlp: hidden layer widths", max_length=MAX_LAYERS)
     width: int = _f(16, "resnet: channels of the first stage (64 = ResNet-18 width)", gt=0)
-    blocks: list[PositiveInt] = _f([1, 1, 1], "resnet: residual blocks per stage ([2,2,2,2] = ResNet-18)")
-    n_layer: int = _f(4, "gpt: transformer blocks", gt=0)
+    blocks: list[LayerCount] = _f([1, 1, 1], "resnet: residual blocks per stage ([2,2,2,2] = ResNet-18)",
+                                  min_length=1, max_length=8)
+    n_layer: int = _f(4, "gpt: transformer blocks", gt=0, le=MAX_LAYERS)
     n_head: int = _f(4, "gpt: attention heads", gt=0)
     d_model: int = _f(128, "gpt: embedding width", gt=0)
     dropout: float = _f(0.0, "gpt/mlp: dropout probability", ge=0, lt=1)

@@ -7,6 +7,7 @@ import torch
 from bigbatch.config import Config
 from bigbatch.data.registry import build_data
 from bigbatch.models.registry import build_model
+from bigbatch.models.size import check_model_fits
 from bigbatch.memory.planner import format_plan, parse_bytes, plan, spec_from_model
 
 
@@ -18,6 +19,7 @@ def plan_run(cfg: Config, world_size: int, device_memory: str) -> str:
         raise ValueError(f"--device-memory: {err}") from None
     torch.manual_seed(cfg.run.seed)
     data = build_data(cfg.data, cfg.run.seed)
+    check_model_fits(cfg.model, data, torch.device("cpu"))  # it is built here, on this host
     model = build_model(cfg.model, data)
     sample, _ = data.train.batch(torch.arange(min(2, len(data.train))))
     strategy = cfg.distributed.strategy if cfg.distributed.strategy in ("ddp", "zero1", "zero2", "zero3") else "ddp"

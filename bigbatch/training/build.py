@@ -25,6 +25,7 @@ from bigbatch.launch.runtime import Runtime
 from bigbatch.metrics import MetricsWriter, Progress, Throughput, resolve_peak_flops
 from bigbatch.models.flops import model_flops_per_token
 from bigbatch.models.registry import build_model, loss_function
+from bigbatch.models.size import check_model_fits
 from bigbatch.optim.adaptive_batch import AdaptiveBatch
 from bigbatch.optim.batch_schedule import BatchSchedule, batch_schedule_from
 from bigbatch.optim.lr_scaling import peak_lr
@@ -182,6 +183,7 @@ def build_trainer(cfg: Config, runtime: Runtime) -> Trainer:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.run.seed)  # same init on every rank
     data = build_data(cfg.data, cfg.run.seed)
+    check_model_fits(cfg.model, data, runtime.device)  # a hostile size: one line, not an allocator error
     model = apply_remat(build_model(cfg.model, data), cfg.remat.policy, cfg.remat.k).to(runtime.device)
     if cfg.model.compile:
         # In place (nn.Module.compile), before any wrapper: state-dict keys keep their eager names (no
