@@ -224,6 +224,8 @@ class PseudoGradCompressionConfig(Section):
     seed: int = _f(0, "powersgd: seed of the initial Q")
     block_size: int = _f(64, "int8, int4: elements per float32 scale; 0: one scale per row (first dimension)",
                          ge=0)
+    factor_bits: Literal[0, 8, 4] = _f(0, "powersgd: 8 or 4 sends P and Q as int8/int4 codes with a float32 "
+                                       "scale per 64 elements of a column; 0: float32")
 
 
 class DiLoCoConfig(Section):

@@ -78,7 +78,7 @@ def build_diloco(cfg: Config, model: nn.Module, runtime: Any) -> DiLoCoStrategy:
     compressor = build_pseudo_grad_compressor(
         c.method, rank=c.rank, start_step=c.start_step, min_compression_rate=c.min_compression_rate,
         error_feedback=c.error_feedback, warm_start=c.warm_start, orthogonalization=c.orthogonalization,
-        seed=c.seed, block_size=c.block_size)
+        seed=c.seed, block_size=c.block_size, factor_bits=c.factor_bits)
     return DiLoCoStrategy(model, runtime.device, replicas=d.replicas, inner_steps=d.inner_steps,
                           outer_optimizer=d.outer_optimizer.model_dump(), compressor=compressor,
                           offload=d.offload, bucket_cap_mb=cfg.distributed.bucket_cap_mb,

@@ -162,6 +162,9 @@ def _diloco_problems(cfg: Config) -> list[str]:
     problems += diloco_cycle_problems(d.inner_steps, d.fragments, d.sync_delay)
     problems += diloco_warmup_problems(d.warmup_steps, d.inner_steps)
     problems += outer_optimizer_problems(d.outer_optimizer.momentum, d.outer_optimizer.nesterov)
+    if d.compression.factor_bits and d.compression.method != "powersgd":
+        problems.append(f"diloco.compression.factor_bits: quantized P and Q are for method powersgd (method is "
+                        f"{d.compression.method!r}); for quantized pseudo-gradients set method: int8 or int4")
     return problems
 
 

@@ -305,26 +305,33 @@ def test_outer_bytes_are_parameters_times_element_size(method, element_bytes):
             assert "comm_bytes/grad_allreduce_fp16" not in row  # the compressor's kinds are relabelled
 
 
-def test_outer_bytes_with_powersgd_follow_its_shapes():
+# float32 (diloco.compression.factor_bits 0): 0.weight (8, 16) at rank 1 sends P 8 + Q 16 elements;
+# 0.bias 8, 2.weight (2, 8) (16 < 2 * (2 + 8) * 1, not worth compressing) and 2.bias 2 go plain.
+# int8 (8): 0.weight P^T 8 codes + a 4-byte scale, Q^T 16 + 4; 2.weight is now worth it (64 B >= 2 x
+# 18 B): P^T 2 + 4, Q^T 8 + 4; the biases plain.
+@pytest.mark.parametrize("factor_bits, outer_bytes", [(0, (8 + 16 + 8 + 16 + 2) * 4),
+                                                      (8, 12 + 20 + 6 + 12 + (8 + 2) * 4)])
+def test_outer_bytes_with_powersgd_follow_its_shapes(factor_bits, outer_bytes):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2))  # input 16 here
     models = [copy.deepcopy(base) for _ in range(2)]
 
     def replica(comm, models):
         model = models[comm.rank]
-        diloco = DiLoCo(model, comm, 1, compressor=PowerSGD(rank=1, start_step=0))
+        compressor = build_pseudo_grad_compressor("powersgd", rank=1, start_step=0, factor_bits=factor_bits)
+        diloco = DiLoCo(model, comm, 1, compressor=compressor)
         comm.take_step_stats()
         with torch.no_grad():
             model[0].weight.add_(comm.rank)
         diloco.maybe_outer_step(model)
         return comm.take_step_stats()
 
-    # 0.weight (8, 16) at rank 1: P 8 + Q 16 elements; 0.bias 8, 2.weight (2, 8) (16 < 2 * (2 + 8)
-    # * 1, not worth compressing) and 2.bias 2 go uncompressed.
     for row in run_local(replica, 2, models):
-        assert row["comm_bytes/diloco_outer"] == (8 + 16 + 8 + 16 + 2) * 4
+        assert row["comm_bytes/diloco_outer"] == outer_bytes
         assert row["comm_bytes/uncompressed"] == (8 * 16 + 8 + 16 + 2) * 4
         assert "comm_bytes/powersgd_p" not in row
+    for a, b in zip(*(m.parameters() for m in models)):  # every replica applied the same bits
+        assert torch.equal(a, b)
 
 
 def test_float_buffers_are_averaged_and_counted_separately():

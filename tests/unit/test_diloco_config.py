@@ -45,3 +45,11 @@ def test_quantized_pseudo_gradients_are_diloco_only(tmp_path):
                               "(diloco.compression.method); choose one of none, fp16, bf16, powersgd")
     [problem] = problems_of(tmp_path, diloco(tmp_path, compression={"method": "int8", "block_size": -1}))
     assert problem.startswith("diloco.compression.block_size")
+
+
+def test_quantized_powersgd_factors_of_pseudo_gradients(tmp_path):
+    raw = diloco(tmp_path, compression={"method": "powersgd", "rank": 4, "factor_bits": 8})
+    assert load_config(write_config(tmp_path / "ok.yaml", raw)).diloco.compression.factor_bits == 8
+    [problem] = problems_of(tmp_path, diloco(tmp_path, compression={"method": "fp16", "factor_bits": 4}))
+    assert problem.startswith("diloco.compression.factor_bits: quantized P and Q are for method powersgd "
+                              "(method is 'fp16'); for quantized pseudo-gradients set method: int8 or int4")
