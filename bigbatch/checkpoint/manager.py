@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from bigbatch.checkpoint.store import (InvalidCheckpoint, find_latest_valid, load_checkpoint,
@@ -22,7 +23,7 @@ from bigbatch.config import CheckpointConfig
 from bigbatch.metrics import METRICS_FILE, truncate_after
 
 
-FINITE_KEYS = ("model", "optimizer")  # meta.json's `finite` covers these replicated states
+FINITE_KEYS = ("model", "optimizer")  # meta.json's `finite` covers these states, replicated or sharded
 
 
 class CheckpointManager:
@@ -42,6 +43,14 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
 
+    def _all_ranks(self, flag: bool) -> bool:
+        """True only when `flag` is True on every rank: whether all shards of a sharded save are finite."""
+        if not dist.is_initialized():
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.runtime.device)  # nccl: a GPU tensor
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def time_due(self) -> bool:
         """Whether `every_minutes` has elapsed on this rank (ranks agree on it through the trainer)."""
         minutes = self.cfg.every_minutes
@@ -59,7 +68,8 @@ class CheckpointManager:
         path = save_checkpoint(self.root, step, samples, self.replicated, self.per_rank,
                                rank=self.runtime.rank, world_size=self.runtime.world_size,
                                meta_extra=self.meta_extra, files_extra={"config.yaml": self.config_text},
-                               barrier=self._barrier, sharded=self.sharded, finite_keys=FINITE_KEYS)
+                               barrier=self._barrier, sharded=self.sharded, finite_keys=FINITE_KEYS,
+                               all_ranks=self._all_ranks)
         if self.runtime.is_main:
             prune_checkpoints(self.root, self.cfg.keep_last, run_id=self.meta_extra.get("run_id"))
         self._barrier()

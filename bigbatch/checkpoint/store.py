@@ -23,7 +23,8 @@ The root must be on a filesystem every rank can see. Only rank 0 renames, delete
 
 meta.json's `finite` says whether the states named by `finite_keys` (the model and optimizer) held
 only finite floats when saved. Pruning keeps the newest finite checkpoint, and `find_latest_valid`
-prefers it: a diverged run never leaves only NaN checkpoints behind.
+prefers it: a diverged run never leaves only NaN checkpoints behind. Sharded states (zero2/zero3) count
+too: each rank checks its own shards and one all-reduce (`all_ranks`) combines the answers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import bigbatch
 from bigbatch.checkpoint.durable import fsync_dir, write_durably
@@ -83,13 +85,19 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
                     meta_extra: Mapping[str, Any] | None = None,
                     files_extra: Mapping[str, str] | None = None,
                     barrier: Callable[[], None] | None = None, sharded: Any = None,
-                    finite_keys: Iterable[str] = ()) -> Path:
+                    finite_keys: Iterable[str] = (),
+                    all_ranks: Callable[[bool], bool] | None = None) -> Path:
     """Save one checkpoint; every rank calls it with the same step. Returns the step directory.
 
     A replicated state with a `before_save()` method (a ZeroRedundancyOptimizer gathering its shards
     on rank 0) has it called on every rank first. `sharded` (an object with `dirname`, `save(dir)`
     and `load(dir)`, e.g. `bigbatch.distributed.zero.DCPCheckpoint`) is saved by every rank into
     `step-N/<dirname>/`; its files are checksummed in meta.json like the others.
+
+    meta.json's `finite` covers the `finite_keys` entries of replicated.pt (checked by rank 0) and of
+    the state dicts `sharded.save` returns (this rank's shards, checked by every rank; a saver that
+    returns None, DeepSpeed's, is not checked). `all_ranks(flag)` is True only when every rank passed
+    True (a MIN all-reduce); a sharded save needs it when world_size > 1.
 
     `barrier` synchronises all ranks (e.g. `torch.distributed.barrier`); it may be left out only when
     world_size is 1. It is called three times: after rank 0 prepared the temp dir, after every rank
@@ -102,11 +110,16 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
         if world_size > 1:
             raise ValueError("save_checkpoint: world_size > 1 needs a barrier (torch.distributed.barrier)")
         barrier = _no_barrier
+    if all_ranks is None:
+        if world_size > 1 and sharded is not None:
+            raise ValueError("save_checkpoint: sharded states on world_size > 1 need all_ranks (a MIN "
+                             "all-reduce of a flag) to agree on `finite`")
+        all_ranks = _only_rank
     root = Path(root)
     final = root / step_dir_name(step)
     try:
         return _save(root, step, samples, replicated, per_rank, rank, world_size, meta_extra, files_extra,
-                     barrier, sharded, finite_keys)
+                     barrier, all_ranks, sharded, tuple(finite_keys))
     except (OSError, RuntimeError) as err:
         failure = _os_error_in(err)
         if failure is None:
@@ -120,12 +133,13 @@ def save_checkpoint(root: Path, step: int, samples: int, replicated: Mapping[str
 
 def _save(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful],
           per_rank: Mapping[str, Stateful], rank: int, world_size: int, meta_extra: Any, files_extra: Any,
-          barrier: Callable[[], None], sharded: Any, finite_keys: Iterable[str]) -> Path:
+          barrier: Callable[[], None], all_ranks: Callable[[bool], bool], sharded: Any,
+          finite_keys: tuple[str, ...]) -> Path:
     extra_meta = dict(meta_extra or {})
     extra_files = dict(files_extra or {})
     _check_extras(extra_meta, extra_files)
     final = root / step_dir_name(step)
-    finite = None
+    finite = sharded_finite = None
     tmp = root / (_TMP_PREFIX + final.name)
     for state in replicated.values():  # collectives: every rank, before rank 0 writes
         if callable(getattr(state, "before_save", None)):
@@ -141,11 +155,12 @@ def _save(root: Path, step: int, samples: int, replicated: Mapping[str, Stateful
                            "shared by all ranks")
     _save_states(tmp / rank_file_name(rank), per_rank)
     if sharded is not None:
-        sharded.save(tmp / sharded.dirname)
+        local = _finite_of(sharded.save(tmp / sharded.dirname), finite_keys)
+        # The same saver and keys on every rank: all get None (no collective) or all reach it.
+        sharded_finite = None if local is None else all_ranks(local)
     if rank == 0:
         payload = _save_states(tmp / REPLICATED, replicated)
-        checked = [payload[key] for key in finite_keys if key in payload]
-        finite = all_finite(checked) if checked else None
+        finite = _both_finite(_finite_of(payload, finite_keys), sharded_finite)
         for name, text in extra_files.items():
             write_durably(tmp / name, text.encode("utf-8"))
     barrier()
@@ -210,14 +225,28 @@ def _save_states(path: Path, states: Mapping[str, Stateful]) -> dict:
     return payload
 
 
+def _finite_of(states: Any, keys: Iterable[str]) -> bool | None:
+    """Whether the entries of `states` (a dict of state dicts) named by `keys` are all finite; None
+    when it holds none of them (or is not a dict: a saver that returns nothing)."""
+    checked = [states[key] for key in keys if key in states] if isinstance(states, Mapping) else []
+    return all_finite(checked) if checked else None
+
+
+def _both_finite(replicated: bool | None, sharded: bool | None) -> bool | None:
+    known = [flag for flag in (replicated, sharded) if flag is not None]
+    return all(known) if known else None
+
+
 def all_finite(obj: Any) -> bool:
-    """Whether every floating-point tensor in a (nested) state dict is finite. Sharded (DTensor)
-    values are skipped: checking them would need a collective."""
+    """Whether every floating-point tensor in a (nested) state dict is finite. Of a sharded (DTensor)
+    value only this rank's shard is checked: combining the ranks' answers is the caller's collective."""
     if isinstance(obj, Mapping):
         return all(all_finite(value) for value in obj.values())
     if isinstance(obj, (list, tuple)):
         return all(all_finite(value) for value in obj)
-    if type(obj) is torch.Tensor and (obj.is_floating_point() or obj.is_complex()):
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
+    if isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
         return bool(torch.isfinite(obj).all())
     return True
 
@@ -499,6 +528,10 @@ def prune_checkpoints(root: Path | str, keep_last: int, run_id: str | None = Non
 
 def _no_barrier() -> None:
     pass
+
+
+def _only_rank(flag: bool) -> bool:
+    return flag
 
 
 def _sha256(path: Path) -> str:

@@ -25,7 +25,8 @@ from bigbatch.comm import Communicator
 class ShardedCheckpoint(Protocol):
     """States every rank writes into step-N/ itself (torch DCP, DeepSpeed)."""
 
-    def save(self, directory: Any) -> None: ...
+    def save(self, directory: Any) -> Any:
+        """Write this rank's part; return its state dicts by name (checked for `finite`) or None."""
 
     def load(self, directory: Any) -> None: ...
 

@@ -280,10 +280,13 @@ class DCPCheckpoint:
     def __init__(self, states: Mapping[str, Any]):
         self.states = dict(states)
 
-    def save(self, directory: Path | str) -> None:
+    def save(self, directory: Path | str) -> dict:
+        """Returns what it saved, this rank's shards (DTensors), for the store's check of `finite`."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self.states, checkpoint_id=str(directory))
+        payload = {name: state.state_dict() for name, state in self.states.items()}
+        dcp.save(payload, checkpoint_id=str(directory))  # as dcp.save(self.states) would, read once
+        return payload
 
     def load(self, directory: Path | str) -> None:
         import torch.distributed.checkpoint as dcp
