@@ -3,9 +3,11 @@
 Signals: torchrun starts every worker in its own session, so a Ctrl-C at the terminal reaches only
 this launcher, and torchrun's own handlers would answer TERM/INT by terminating the workers and
 calling that a failure. Instead the launcher forwards TERM, INT and USR1 to its workers and keeps
-waiting: the ranks agree at the next step boundary, checkpoint and exit (0, or 130 for Ctrl-C); a
-second Ctrl-C is forwarded too and ends them at once. Slurm signals every process of a step itself,
-so under Slurm a rank may receive USR1/TERM twice; it acts once.
+waiting: the ranks agree at the next step boundary, checkpoint and exit (0, or 130 for Ctrl-C).
+Slurm signals every process of a step itself, so under Slurm a rank receives each signal twice
+(directly and forwarded) and acts once; for SIGINT too, so the launcher, not the rank, counts
+Ctrl-Cs: its second one kills the ranks at once (SIGKILL, which also ends a rank stuck in a
+collective).
 
 Exit code: 0 after a finished run or a graceful stop (TERM, USR1), 130 after Ctrl-C; otherwise the
 first failing rank's exit code (1 if it died of a signal), with one line naming that rank, its exit
@@ -46,7 +48,15 @@ def torchrun_args(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
         # node-major as the dry run's rank map says; c10d would number nodes in order of arrival.
         args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
                  f"--rdzv-endpoint={rdzv_endpoint}"]
-    return args + ["-m", "bigbatch", *bigbatch_args]
+    return args + _signals_to_handle() + ["-m", "bigbatch", *bigbatch_args]
+
+
+def _signals_to_handle() -> list[str]:
+    """Keep torchrun's handlers off TERM and INT: they would answer the first signal by sending it to
+    the workers and SIGKILL them 30 s later, whatever their checkpoint. Newer torchrun takes an
+    option (and overwrites TORCHELASTIC_SIGNALS_TO_HANDLE with it); older reads the variable."""
+    defaults = vars(torch_run.get_args_parser().parse_args(["x"]))
+    return ["--signals-to-handle=SIGHUP,SIGQUIT"] if "signals_to_handle" in defaults else []
 
 
 def launch(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None,
@@ -86,7 +96,8 @@ def prepare_worker_env(nproc_per_node: int) -> None:
     os.environ[OMP_FROM_USER] = "1" if os.environ.get("OMP_NUM_THREADS") else "0"
     if not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(cpu_share(nproc_per_node))
-    # torchrun must not install its TERM/INT handlers over ours (it reads this when starting workers).
+    # torchrun must not install its TERM/INT handlers over ours: older versions read this when starting
+    # workers, newer ones overwrite it with --signals-to-handle (see _signals_to_handle).
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
 
 
@@ -116,12 +127,18 @@ class SignalForwarder:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.received.append(signum)
+        # The ranks take every SIGINT as the same stop request (under Slurm each arrives twice):
+        # the launcher's own second one is the one that ends them at once.
+        forward = signal.SIGKILL if aborted(self.received) else signum
         workers = child_pids()
         for pid in workers:
             try:
-                os.kill(pid, signum)
+                os.kill(pid, forward)
             except ProcessLookupError:  # exited meanwhile
                 pass
+        if workers and signum == signal.SIGINT and forward == signum:
+            _say("bigbatch launch: interrupted: the ranks save a checkpoint at the next step and exit; "
+                 "interrupt again to end them at once, without it")
         if not workers and signum != signal.SIGUSR1:
             # No worker yet (rendezvous): let torchrun's agent stop as it does on its own signals.
             raise SignalException(f"bigbatch launch got {signal.Signals(signum).name}",
@@ -146,6 +163,19 @@ def child_pids(parent: int | None = None) -> list[int]:
     return found
 
 
+def _say(line: str) -> None:
+    """One line from a signal handler: unbuffered, since print could re-enter a half-done write."""
+    try:
+        os.write(1, (line + "\n").encode())
+    except OSError:
+        pass
+
+
+def aborted(received: list[int]) -> bool:
+    """A second Ctrl-C reached the launcher: it ended the ranks without waiting for a checkpoint."""
+    return received.count(signal.SIGINT) > 1
+
+
 def stop_exit_code(received: list[int]) -> int:
     return INTERRUPTED if signal.SIGINT in received else OK
 
@@ -153,7 +183,7 @@ def stop_exit_code(received: list[int]) -> int:
 def failure_exit_code(failures: dict, received: list[int]) -> int:
     """Exit code after torchrun reported failed ranks; prints one line unless it was a stop we asked for."""
     if received and all(_stopped(f.exitcode, received) for f in failures.values()):
-        if any(f.exitcode == -signal.SIGINT for f in failures.values()):
+        if aborted(received) and any(f.exitcode < 0 for f in failures.values()):
             print("bigbatch launch: second Ctrl-C: ranks ended without waiting for a checkpoint", flush=True)
         return stop_exit_code(received)
     rank, first = min(failures.items(), key=lambda item: _failure_time(item[1]))
@@ -163,8 +193,10 @@ def failure_exit_code(failures: dict, received: list[int]) -> int:
 
 
 def _stopped(exitcode: int, received: list[int]) -> bool:
-    """An exit that a forwarded signal explains: 130 (Ctrl-C), or killed by that signal or by the
-    TERM torchrun sends the remaining workers once one has exited non-zero."""
+    """An exit that a forwarded signal explains: 130 (Ctrl-C), killed by that signal, by the TERM
+    torchrun sends the remaining workers once one has exited non-zero, or by a second Ctrl-C's KILL."""
+    if exitcode == -signal.SIGKILL and aborted(received):
+        return True
     return exitcode in (INTERRUPTED, -signal.SIGTERM) or -exitcode in received
 
 

@@ -12,7 +12,10 @@ The flow the trainer wires up (one rank's view):
 
 Ctrl-C (SIGINT) is handled like TERM: the first one stops the ranks together with a checkpoint
 (the rank then exits 130, see `interrupted`); after it SIGINT gets its default action back, so a
-second Ctrl-C ends the process at once, even inside a blocking collective.
+second Ctrl-C ends the process at once. Not so in a rank of `bigbatch launch`: Slurm signals every
+process of a job step, so `scancel --signal=INT` reaches such a rank twice, directly and forwarded by
+the launcher, close together. There every SIGINT is the same stop request, and the launcher, which
+receives each interrupt exactly once, counts them: its second one kills the ranks.
 
 Only the time-limit signal (`slurm.signal`, USR1 by default) requeues. TERM is what `scancel` sends
 as well as what preemption sends before killing, and the two cannot be told apart: so TERM
@@ -33,6 +36,8 @@ import subprocess
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from bigbatch.launch.failure import launched_rank
 
 DEFAULT_SIGNALS = ("USR1", "TERM")
 REQUEUE_TIMEOUT_S = 60
@@ -61,11 +66,15 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[str | int] = DEFAULT_SIGNALS, *, rank: int = 0,
                  requeue: bool = True, log: Callable[[str], None] | None = None,
-                 requeue_signals: Iterable[str | int] = ("USR1",), interrupt: bool = True):
+                 requeue_signals: Iterable[str | int] = ("USR1",), interrupt: bool = True,
+                 second_interrupt_kills: bool | None = None):
         self.signals = tuple(_signum(s) for s in signals)
         self.requeue_signals = frozenset(_signum(s) for s in requeue_signals)
         self.rank, self.requeue, self.log = rank, requeue, log
         self.interrupt = interrupt  # also handle SIGINT (Ctrl-C)
+        # None: yes, unless `bigbatch launch` started this rank (its launcher counts the Ctrl-Cs).
+        self.second_interrupt_kills = (not launched_rank() if second_interrupt_kills is None
+                                       else second_interrupt_kills)
         self.received: int | None = None  # the first signal number seen
         self.interrupted = False  # a Ctrl-C arrived (the rank exits 130 after its checkpoint)
         self.requeued = False
@@ -78,7 +87,8 @@ class PreemptionHandler:
 
     def _on_interrupt(self, signum: int, frame: object) -> None:
         self.interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C kills at once
+        if self.second_interrupt_kills:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C kills at once
         self._on_signal(signum, frame)
 
     @property

@@ -220,6 +220,24 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     cluster.wait_for_state(job.job_id, ("CANCELLED",), 60)
 
 
+def test_scancel_signal_int_in_torchrun_mode_checkpoints_and_exits_130(cluster, tmp_path):
+    # slurmstepd signals every process of the step: each rank gets this SIGINT directly and again
+    # from `bigbatch launch`. Before the fix the second one killed the ranks: exit 130, no checkpoint.
+    cfg = job_config(tmp_path, "interrupted", nodes=1, ntasks_per_node=2, launch_mode="torchrun",
+                     max_steps=PREEMPT_STEPS)
+    job = submit_job(cluster, tmp_path, cfg)
+    wait_for_step(cluster, job, cfg.run_dir, 20)
+    signalled = cluster.run("scancel", "--signal=INT", job.job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    state = cluster.wait_for_state(job.job_id, ("FAILED",), JOB_TIMEOUT)  # a non-zero exit: 130
+    log = job.log_path.read_text()
+    saved = re.search(r"interrupted \(Ctrl-C\): checkpoint at step (\d+) saved", log)
+    assert state == "FAILED" and saved, log[-3000:]
+    assert (cfg.run_dir / "checkpoints" / f"step-{int(saved.group(1)):08d}" / "meta.json").is_file()
+    assert cluster.job_field(job.job_id, "ExitCode") == "130:0"
+    assert "second Ctrl-C" not in log
+
+
 def wait_for_step(cluster, job, run_dir, step, timeout=JOB_TIMEOUT):
     """Poll metrics.jsonl until the run reached `step` (it must still be running then)."""
     deadline = time.monotonic() + timeout

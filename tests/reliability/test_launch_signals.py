@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bigbatch.exit_codes import DIVERGED, FAILED, INTERRUPTED, OK
-from bigbatch.launch.local import failure_exit_code
+from bigbatch.launch.local import child_pids, failure_exit_code
 from tests.conftest import REPO, tiny_config, write_config
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e, pytest.mark.slow]
@@ -29,14 +29,22 @@ HERE = "tests.reliability.test_launch_signals"
 
 class MarkingMLP(nn.Module):
     """Rank 0 creates `ready_file` at its `ready_at`-th training forward; rank `fail_rank` raises at
-    its `fail_at`-th (0: never); every rank writes its thread count to `threads_dir` once."""
+    its `fail_at`-th (0: never); every rank writes its thread count to `threads_dir` once.
+
+    `slurm_interrupt_at`: at that forward every rank sends itself SIGINT (its handler runs before the
+    next line) and rank 0 then sends one to the launcher, which forwards it to every rank: Slurm's
+    `scancel --signal=INT` in torchrun mode, each rank receiving it directly and then forwarded, in
+    an order that does not depend on timing. `stall_s`: rank 0 sleeps that long after `ready_file`
+    (a stuck rank; rank 1 waits in the gradient all-reduce meanwhile)."""
 
     def __init__(self, d_in: int, classes: int, ready_file: str = "", ready_at: int = 3,
-                 fail_rank: int = -1, fail_at: int = 0, threads_dir: str = ""):
+                 fail_rank: int = -1, fail_at: int = 0, threads_dir: str = "",
+                 slurm_interrupt_at: int = 0, stall_s: float = 0):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, classes))
         self.ready_file, self.ready_at, self.fail_rank, self.fail_at = ready_file, ready_at, fail_rank, fail_at
         self.threads_dir, self.calls = threads_dir, 0
+        self.slurm_interrupt_at, self.stall_s = slurm_interrupt_at, stall_s
 
     def forward(self, x):
         if self.training:
@@ -47,6 +55,11 @@ class MarkingMLP(nn.Module):
                 (Path(self.threads_dir) / f"rank{rank}.json").write_text(json.dumps(record))
             if self.calls == self.ready_at and rank == 0 and self.ready_file:
                 Path(self.ready_file).touch()
+                time.sleep(self.stall_s)
+            if self.calls == self.slurm_interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+                if rank == 0:
+                    os.kill(os.getppid(), signal.SIGINT)  # the launcher (torchrun's workers are its children)
             if self.calls == self.fail_at and rank == self.fail_rank:
                 raise RuntimeError(f"boom in rank {rank} at forward {self.calls}")
         return self.net(x)
@@ -109,6 +122,51 @@ def test_signal_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path, sig
     assert "rank failed" not in out + err and "OMP_NUM_THREADS" not in err  # no torchrun banner
 
 
+def test_an_interrupt_each_rank_receives_twice_still_checkpoints_and_exits_130(tmp_path):
+    # Slurm signals every process of the step, so with launch_mode torchrun a rank gets one
+    # `scancel --signal=INT` from Slurm and again from the launcher. Before the fix the second
+    # killed it (SIGINT's default action was back): exit 130 and no checkpoint.
+    proc = start_launch(tmp_path, launch_config(tmp_path, slurm_interrupt_at=4))
+    returncode, out, err = finish(tmp_path, proc)
+    assert returncode == INTERRUPTED, err[-3000:]
+    assert checkpoints(tmp_path) == ["step-00000004"]  # flagged in step 4's forward, saved at its end
+    assert "interrupted (Ctrl-C): checkpoint at step 4 saved" in out
+    assert "second Ctrl-C" not in out and "Traceback" not in out + err
+
+
+def test_interrupt_sent_to_the_launcher_and_its_ranks_at_once_checkpoints(tmp_path):
+    # What slurmstepd does for `scancel --signal=INT` (proctrack signals every process of the step,
+    # torchrun's own session or not): here the arrival order is left to the machine.
+    ready = tmp_path / "ready"
+    proc = start_launch(tmp_path, launch_config(tmp_path, ready_file=str(ready)))
+    wait_for_file(ready, proc)
+    for pid in [proc.pid, *child_pids(proc.pid)]:
+        os.kill(pid, signal.SIGINT)
+    returncode, out, err = finish(tmp_path, proc)
+    assert returncode == INTERRUPTED, err[-3000:]
+    assert checkpoints(tmp_path), "no checkpoint written"
+    assert "interrupted (Ctrl-C): checkpoint at step" in out and "second Ctrl-C" not in out
+
+
+def test_second_interrupt_to_the_launcher_ends_stuck_ranks_at_once(tmp_path):
+    # Rank 0 stalls in a forward and rank 1 waits for it in the all-reduce: no step boundary comes,
+    # so only the second Ctrl-C can end them. The launcher announces the first; it is sent once that
+    # line is out (two signals before the launcher's handler ran would count as one).
+    ready = tmp_path / "ready"
+    proc = start_launch(tmp_path, launch_config(tmp_path, ready_file=str(ready), stall_s=120))
+    wait_for_file(ready, proc)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "interrupt again" not in (tmp_path / "stdout").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the first interrupt was not announced"
+        time.sleep(0.05)  # a poll interval, not a timing assumption
+    proc.send_signal(signal.SIGINT)
+    returncode, out, err = finish(tmp_path, proc, timeout=50)  # the stall is 120 s, gloo's timeout 60 s
+    assert returncode == INTERRUPTED, err[-3000:]
+    assert "bigbatch launch: second Ctrl-C: ranks ended without waiting for a checkpoint" in out
+    assert checkpoints(tmp_path) == [] and "rank 0 failed" not in out
+
+
 def test_failing_rank_gives_one_line_naming_rank_exit_code_and_error(tmp_path):
     proc = start_launch(tmp_path, launch_config(tmp_path, fail_rank=1, fail_at=3))
     returncode, out, err = finish(tmp_path, proc)
@@ -154,9 +212,16 @@ class Failure:
 
 
 def test_second_ctrl_c_exits_130_and_says_no_checkpoint_was_awaited(capsys):
-    failures = {0: Failure(-signal.SIGINT), 1: Failure(-signal.SIGINT)}
+    # The launcher's second Ctrl-C KILLs the ranks; a rank may have finished (130) just before.
+    failures = {0: Failure(-signal.SIGKILL), 1: Failure(INTERRUPTED)}
     assert failure_exit_code(failures, [signal.SIGINT, signal.SIGINT]) == INTERRUPTED
     assert "second Ctrl-C" in capsys.readouterr().out
+
+
+def test_a_rank_killed_after_a_single_ctrl_c_is_a_failure(capsys):
+    # One interrupt never KILLs a rank (the launcher sends KILL only on its second): someone else did.
+    assert failure_exit_code({1: Failure(-signal.SIGKILL)}, [signal.SIGINT]) == FAILED
+    assert "rank 1 failed (killed by SIGKILL)" in capsys.readouterr().out
 
 
 def test_ranks_ended_by_torchruns_term_after_a_ctrl_c_count_as_stopped(capsys):
