@@ -61,6 +61,17 @@ The PowerSGD rows with int8/int4 factors (`compression.factor_bits`; "pSGD" abov
 first run's, without them). At 8 bits rank 12 costs what rank 3 costs in float32 and ends 0.3 points
 (demo) and 1.9 % (GPT) from uncompressed; none of them reaches the front either.
 
+Rows with the rank chosen by bytes (`compression.target_ratio`, int8 factors), 2026-12-07 02:25-02:42
+UTC, `--workloads gpt --variants "powersgd target10 int8" "powersgd target30 int8"` and `--workloads
+demo --variants "powersgd target100 int8"` (load 2.7-5.5):
+
+    demo  target100 int8 (rank 13)   88.320 MB  16.9x  val acc  0.8881  -0.0053
+    gpt   target10 int8  (rank 15)   57.756 MB   8.7x  val loss 1.9604  +0.0196 (+1.0 %)
+    gpt   target30 int8  (rank 3)    24.801 MB  20.3x  val loss 2.1943  +0.2535 (+13 %)
+
+The char-GPT holds its val loss within 1 % only at 10x fewer bytes a compressed step, and 100x is out
+of its reach (its 1-D tensors, sent plain, are 13.8 of its 833 KB: rank 1 at 8 bits is 45x fewer).
+
 On both workloads the front is DiLoCo's: PowerSGD never is. Two reasons show in the table. Its plain
 steps before `compression.start_step` (10) dominate its bytes over a short run (74.5 of rank 2's 83.5
 MB on the demo): 157x fewer bytes a compressed step is 17.8x over the run. And rank 2 costs 4.1
@@ -121,6 +132,9 @@ VARIANTS = (Variant("none"), Variant("fp16", {"compression.method": "fp16"}),
             *(Variant(f"powersgd r{r} int{bits}", {"compression.method": "powersgd", "compression.rank": r,
                                                    "compression.factor_bits": bits})
               for r, bits in ((4, 8), (8, 8), (12, 8), (16, 4))),
+            *(Variant(f"powersgd target{t} int8", {"compression.method": "powersgd", "compression.target_ratio": t,
+                                                   "compression.factor_bits": 8})
+              for t in (10, 30, 100)),  # the rank chosen by bytes; the GPT cannot reach 100 (45x at rank 1)
             *(diloco(h, codec) for h in (10, 20, 50) for codec in ("none", "fp16")),
             diloco(50, "int8"), diloco(50, "int4"))
 
