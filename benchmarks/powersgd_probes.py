@@ -75,6 +75,32 @@ DiLoCo (benchmarks/frontier.py): H=50 with int4 pseudo-gradients ends 0.5 points
 fewer bytes over the run, fp16 at H=20 0.1 points at 40x, while PowerSGD rank 2's 157x a compressed
 step is 18x over the run (its 10 plain steps send 74.5 of its 83.5 MB) for 4 points.
 
+Is it LAMB's fault? (issue 15's hypothesis: the PowerSGD paper loses nothing at rank 2 with SGD-momentum.)
+`Variant.optimizer` strips LAMB down (see `Lamb`): "adam" is LAMB without the trust ratio (AdamW, same
+moments, eps and decoupled decay 0.01 on matrices), "sgd" drops v too: PyTorch's SGD(momentum=0.9,
+nesterov=False), decay 0.01 on matrices added to the step as LAMB's. Same warmup and cosine; `lr` is at
+batch 256 as the config's (peak = lr x 8 x sqrt(2), in brackets); each optimizer's LR swept uncompressed,
+then rank 2 (the defaults) at the best one. Measured 2026-12-07 02:15-03:05 UTC with
+`python benchmarks/powersgd_probes.py --variants NAME ...`, one process at a time (load 1-5 on 2 shared
+cores, 1-3 minutes a variant; --steps 441 for the last rows):
+
+    sgd none lr 0.01 / 0.03 / 0.055 / 0.1        0.8616 / 0.8656 / NaN / NaN   (0.11 / 0.34 / 0.62 / 1.13)
+    adam none lr 0.0001 / 0.0003 / 0.001 / 0.003 0.8678 / 0.8798 / 0.8828 / 0.8724   (0.0011 ... 0.034)
+
+    optimizer, lr           none     rank 2            rank 2 - none
+    lamb 0.002              0.8833   0.8412            -4.2 pt  (rerun with this code: the same digits)
+    adam 0.001 (best)       0.8828   0.8434            -3.9 pt; rank 8 0.8804 (-0.2), rank 1 0.7852
+    sgd 0.03 (best)         0.8656   NaN               diverges; without error feedback 0.7912 (-7.4 pt)
+    sgd 0.01                0.8616   0.8161            -4.6 pt; without error feedback 0.8203; rank 1 0.7572
+    sgd 0.01, 441 steps     0.8870   0.8689            -1.8 pt  (3x the steps, same schedule shape)
+    adam 0.001, 441 steps   0.8968   0.8759            -2.1 pt
+
+The loss is not LAMB's: without the trust ratio (Adam) rank 2 costs 3.9 points, without per-coordinate
+normalization too (SGD-momentum) 4.6 points at a stable LR, and at SGD's best LR it diverges. What
+shrinks it is the length of the run, for both (3x the steps at the same LR, not re-swept: SGD 4.6 -> 1.8
+points, Adam 3.9 -> 2.1, still far from 0.3); the paper's lossless rank 2 was on CIFAR-10 ResNet-18 and a
+WikiText-2 LSTM trained for hundreds of epochs, not a 10-epoch schedule. One seed (0) each.
+
 Output: a table on stdout and OUT/powersgd_probes.{json,png} (OUT defaults to benchmarks/out).
 About 2-4 minutes per variant on one thread; `--quick` (3 steps, two variants) is the smoke test.
 """
@@ -115,6 +141,8 @@ class Variant:
     start: int = 10  # first compressed step is start + 1, as compression.start_step
     freeze_ratio: bool = False  # compressed steps reuse the trust ratio of the last full step
     factor_bits: int = 0  # 8 or 4: each rank's P and Q as int8/int4 codes, float32 scale per 64 (0: float32)
+    optimizer: str = "lamb"  # lamb | adam (LAMB without the trust ratio) | sgd (momentum 0.9); see Lamb
+    error_feedback: bool = True  # False: each rank's residual is dropped instead of added to its next gradient
 
 
 VARIANTS = (Variant("none", "none"), Variant("r2"), Variant("lr 0.001 none", "none", lr=0.001),
@@ -126,14 +154,22 @@ VARIANTS = (Variant("none", "none"), Variant("r2"), Variant("lr 0.001 none", "no
             Variant("whitened live", "whitened", live_v=True, start=15), Variant("factored", "factored"),
             Variant("factored live", "factored", live_v=True), Variant("r8", rank=8),
             Variant("r8 int8", rank=8, factor_bits=8), Variant("r16 int4", rank=16, factor_bits=4),
-            Variant("r4 int8", rank=4, factor_bits=8))
+            Variant("r4 int8", rank=4, factor_bits=8),
+            *(Variant(f"sgd none lr{lr:g}", "none", optimizer="sgd", lr=lr) for lr in (0.01, 0.03, 0.055, 0.1)),
+            *(Variant(f"adam none lr{lr:g}", "none", optimizer="adam", lr=lr)
+              for lr in (0.0001, 0.0003, 0.001, 0.003)),
+            Variant("sgd r2", optimizer="sgd", lr=0.03), Variant("sgd r2 lr0.01", optimizer="sgd", lr=0.01),
+            Variant("sgd r2 no ef", optimizer="sgd", lr=0.03, error_feedback=False),
+            Variant("sgd r2 no ef lr0.01", optimizer="sgd", lr=0.01, error_feedback=False),
+            Variant("sgd r1 lr0.01", rank=1, optimizer="sgd", lr=0.01),
+            *(Variant(f"adam r{r}", rank=r, optimizer="adam", lr=0.001) for r in (1, 2, 8)))
 
 
 class PowerSGD:
-    """Rank-r PowerSGD of a list of per-rank matrices with warm-started Q and per-rank error feedback."""
+    """Rank-r PowerSGD of a list of per-rank matrices with warm-started Q and per-rank error feedback (optional)."""
 
-    def __init__(self, factor_bits: int = 0):
-        self.q, self.error, self.bits = {}, {}, factor_bits
+    def __init__(self, factor_bits: int = 0, error_feedback: bool = True):
+        self.q, self.error, self.bits, self.feedback = {}, {}, factor_bits, error_feedback
 
     def sent(self, factor: torch.Tensor) -> torch.Tensor:
         """A rank's factor (rows x r) as the others receive it: itself, or its int8/int4 round trip,
@@ -152,15 +188,21 @@ class PowerSGD:
         p, _ = torch.linalg.qr(sum(self.sent(m @ self.q[name]) for m in inputs))
         self.q[name] = sum(self.sent(m.t() @ p) for m in inputs) / len(inputs)
         approx = p @ self.q[name].t()
-        for i, m in enumerate(inputs):
+        for i, m in enumerate(inputs if self.feedback else ()):
             self.error[(name, i)] = m - approx
         return approx
 
 
 class Lamb:
-    """LAMB over named parameters, with the moments exposed so a variant can set m or freeze v."""
+    """LAMB over named parameters, with the moments exposed so a variant can set m or freeze v.
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]]):
+    `kind` strips it down to tell its parts apart: "adam" drops the trust ratio (AdamW: lr x (m_hat /
+    (sqrt(v_hat) + eps) + 0.01 w)); "sgd" also drops v: lr x (b + 0.01 w) with b = 0.9 b + g, PyTorch's
+    SGD(momentum=0.9, nesterov=False) with the weight decay decoupled as LAMB's (added to the step, not
+    to the momentum). Weight decay is on matrices only, as the demo's."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], kind: str = "lamb"):
+        self.kind = kind
         self.m = {n: torch.zeros_like(p) for n, p in named}
         self.v = {n: torch.zeros_like(p) for n, p in named}
         self.frozen_v: dict[str, torch.Tensor] = {}
@@ -177,10 +219,14 @@ class Lamb:
     def step(self, name: str, p: torch.Tensor, lr: float, t: int, v_hat: torch.Tensor | None = None,
              keep_ratio: bool = False) -> None:
         v_hat = self.v_hat(name, t) if v_hat is None else v_hat
-        u = self.m[name] / (1 - BETAS[0] ** t) / (v_hat.sqrt() + EPS)
+        if self.kind == "sgd":  # m = 0.1 x (PyTorch's buffer b = 0.9 b + g), exactly, from m = 0
+            u = self.m[name] / (1 - BETAS[0])
+        else:
+            u = self.m[name] / (1 - BETAS[0] ** t) / (v_hat.sqrt() + EPS)
         ratio = 1.0
         if p.ndim > 1:
             u = u + DECAY * p
+        if p.ndim > 1 and self.kind == "lamb":
             w_norm, u_norm = p.norm(), u.norm()
             ratio = (w_norm / u_norm).item() if w_norm > 0 and u_norm > 0 else 1.0
             ratio = self.ratio[name] if keep_ratio and name in self.ratio else ratio
@@ -229,7 +275,7 @@ def run(variant: Variant, data, steps: int) -> dict:
     torch.manual_seed(0)
     model = MLP((1, 28, 28), 10, [1024, 1024])
     named = list(model.named_parameters())
-    opt, psgd = Lamb(named), PowerSGD(variant.factor_bits)
+    opt, psgd = Lamb(named, variant.optimizer), PowerSGD(variant.factor_bits, variant.error_feedback)
     x, y = data.train.inputs, data.train.targets
     shuffle = torch.Generator().manual_seed(0)
     order, position = torch.randperm(len(y), generator=shuffle), 0
@@ -297,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         variant = replace(known[name], start=1) if args.quick else known[name]  # quick: compress from step 2
         results.append(run(variant, data, steps))
         print(f"[{name}] val_accuracy {results[-1]['val_accuracy']:.4f}  {results[-1]['wall_s']:.0f} s", flush=True)
-    head = f"{'variant':<16}{'mode':>10}{'rank':>6}{'lr':>8}{'val acc':>10}{'val loss':>10}{'wall s':>8}"
+    head = f"{'variant':<20}{'mode':>10}{'rank':>6}{'lr':>8}{'val acc':>10}{'val loss':>10}{'wall s':>8}"
     print("\n".join([head, "-" * len(head)] + [
-        f"{r['name']:<16}{r['mode']:>10}{r['rank']:>6}{r['lr']:>8g}{r['val_accuracy']:>10.4f}{r['val_loss']:>10.4f}"
+        f"{r['name']:<20}{r['mode']:>10}{r['rank']:>6}{r['lr']:>8g}{r['val_accuracy']:>10.4f}{r['val_loss']:>10.4f}"
         f"{r['wall_s']:>8.0f}" for r in results]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "powersgd_probes.json").write_text(json.dumps(results, indent=1))
