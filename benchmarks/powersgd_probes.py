@@ -99,7 +99,8 @@ The loss is not LAMB's: without the trust ratio (Adam) rank 2 costs 3.9 points, 
 normalization too (SGD-momentum) 4.6 points at a stable LR, and at SGD's best LR it diverges. What
 shrinks it is the length of the run, for both (3x the steps at the same LR, not re-swept: SGD 4.6 -> 1.8
 points, Adam 3.9 -> 2.1, still far from 0.3); the paper's lossless rank 2 was on CIFAR-10 ResNet-18 and a
-WikiText-2 LSTM trained for hundreds of epochs, not a 10-epoch schedule. One seed (0) each.
+WikiText-2 LSTM trained for many more epochs than this 10-epoch schedule (their exact lengths not
+rechecked here). One seed (0) each.
 
 Output: a table on stdout and OUT/powersgd_probes.{json,png} (OUT defaults to benchmarks/out).
 About 2-4 minutes per variant on one thread; `--quick` (3 steps, two variants) is the smoke test.
