@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bigbatch.checkpoint.stateful import Counters, RNGState
-from bigbatch.checkpoint.store import (find_latest_valid, load_checkpoint, prune_checkpoints,
+from bigbatch.checkpoint.store import (all_finite, find_latest_valid, load_checkpoint, prune_checkpoints,
                                        resolve_resume, save_checkpoint, validate_checkpoint)
 
 BATCH = 16
@@ -347,3 +347,13 @@ def test_stale_files_do_not_leak_into_a_new_save(tmp_path):
     path = save_states(tmp_path, 10)
     assert names(path) == ["meta.json", "rank-00000.pt", "replicated.pt"]
     assert os.listdir(tmp_path) == ["step-00000010"]
+
+
+def test_all_finite_walks_nested_state_and_ignores_integer_tensors():
+    state = {"model": {"w": torch.ones(3), "steps": torch.tensor([2**40])},
+             "optimizer": {"state": {0: {"exp_avg": torch.zeros(2, dtype=torch.bfloat16)}}, "groups": [{"lr": 0.1}]}}
+    assert all_finite(state) and all_finite({}) and all_finite([torch.arange(3)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = {**state, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, bad])}}}}
+        assert not all_finite(broken)
+    assert not all_finite([[torch.ones(2)], (torch.tensor([1 + 0j, complex(0, float("inf"))]),)])
