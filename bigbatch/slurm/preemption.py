@@ -37,7 +37,6 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from bigbatch.launch.failure import launched_rank
 
 DEFAULT_SIGNALS = ("USR1", "TERM")
 REQUEUE_TIMEOUT_S = 60
@@ -67,14 +66,13 @@ class PreemptionHandler:
     def __init__(self, signals: Iterable[str | int] = DEFAULT_SIGNALS, *, rank: int = 0,
                  requeue: bool = True, log: Callable[[str], None] | None = None,
                  requeue_signals: Iterable[str | int] = ("USR1",), interrupt: bool = True,
-                 second_interrupt_kills: bool | None = None):
+                 second_interrupt_kills: bool = True):
         self.signals = tuple(_signum(s) for s in signals)
         self.requeue_signals = frozenset(_signum(s) for s in requeue_signals)
         self.rank, self.requeue, self.log = rank, requeue, log
         self.interrupt = interrupt  # also handle SIGINT (Ctrl-C)
-        # None: yes, unless `bigbatch launch` started this rank (its launcher counts the Ctrl-Cs).
-        self.second_interrupt_kills = (not launched_rank() if second_interrupt_kills is None
-                                       else second_interrupt_kills)
+        # False in a rank of `bigbatch launch`, whose launcher counts the Ctrl-Cs (bigbatch.training.run).
+        self.second_interrupt_kills = second_interrupt_kills
         self.received: int | None = None  # the first signal number seen
         self.interrupted = False  # a Ctrl-C arrived (the rank exits 130 after its checkpoint)
         self.requeued = False

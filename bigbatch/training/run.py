@@ -10,6 +10,7 @@ from bigbatch.checkpoint.rundir import open_run, release_run_dir
 from bigbatch.config import Config
 from bigbatch.exit_codes import INTERRUPTED
 from bigbatch.training.guard import Diverged
+from bigbatch.launch.failure import launched_rank
 from bigbatch.launch.runtime import Runtime
 from bigbatch.slurm.preemption import PreemptionHandler, preemption_signals, time_limit_signal
 
@@ -29,7 +30,8 @@ def run_training(cfg: Config, runtime: Runtime) -> dict:
     # boundary all ranks checkpoint together and rank 0 requeues the job when under Slurm.
     trainer.preemption = PreemptionHandler(preemption_signals(cfg.slurm.signal), rank=runtime.rank,
                                            requeue=cfg.slurm.requeue, log=trainer.progress.write,
-                                           requeue_signals=[time_limit_signal(cfg.slurm.signal)])
+                                           requeue_signals=[time_limit_signal(cfg.slurm.signal)],
+                                           second_interrupt_kills=not launched_rank())
     start = time.perf_counter()
     trainer.preemption.install()
     try:
