@@ -15,6 +15,7 @@ Everything here but `open_run` (and the shape check it calls) is torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -24,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -355,6 +356,31 @@ def shape_problems(checkpoint: Path, model: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- the whole start
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir: Path, runtime: Any, log: Callable[[str], None]) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR/.lock while the body runs, for a command that writes into a run directory
+    without being its run (`bigbatch lr-find`; `train` claims it through `open_run`). Held by a live
+    run, every rank stops before the body, as in open_run: rank 0 with the RunDirError naming the
+    holder, the others with exit code 2."""
+    error = None
+    if runtime.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            RunDirLock(run_dir).acquire(log)
+        except RunDirError as err:
+            error = str(err)
+    [error] = _share(runtime, (error,))
+    if error:
+        if runtime.is_main:
+            raise RunDirError(error)
+        raise SystemExit(2)  # every rank reached the same verdict: rank 0 prints it once
+    try:
+        yield
+    finally:
+        if runtime.is_main:
+            release_run_dir(run_dir)
+
 
 def open_run(cfg: Any, runtime: Any, checkpointer: Any) -> dict | None:
     """Before training: rank 0 claims the run directory, every rank checks and resumes, rank 0

@@ -12,17 +12,12 @@ scaling rule reads at `optim.lr_scaling.base_batch`.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-from pathlib import Path
-from typing import Iterator
-
-import torch
 
 from bigbatch.checkpoint.durable import write_durably
-from bigbatch.checkpoint.rundir import RunDirError, RunDirLock, release_run_dir
+from bigbatch.checkpoint.rundir import holding_run_dir
 from bigbatch.training.build import build_trainer
 from bigbatch.config import Config
 from bigbatch.launch.runtime import Runtime
@@ -51,32 +46,8 @@ def run_lr_find(cfg: Config, runtime: Runtime, min_lr: float, max_lr: float, ste
     cfg.checkpoint.resume = "never"
     cfg.eval.at_end, cfg.eval.every_steps = False, None
     trainer = build_trainer(cfg, runtime)  # bad input fails here, before the run dir is touched
-    with run_dir_locked(cfg.run_dir, runtime, trainer):
+    with holding_run_dir(cfg.run_dir, runtime, trainer.progress.write):
         return sweep(cfg, runtime, trainer, min_lr, max_lr, steps)
-
-
-@contextlib.contextmanager
-def run_dir_locked(run_dir: Path, runtime: Runtime, trainer) -> Iterator[None]:
-    """Rank 0 holds RUN_DIR/.lock while the body runs. Held by a live run (train or lr-find), every rank
-    stops before writing anything: rank 0 with train's one-line RunDirError naming the holder, the
-    others with exit code 2 (the refusal is agreed over ranks, so none is left waiting in a collective)."""
-    error = None
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            RunDirLock(run_dir).acquire(trainer.progress.write)
-        except RunDirError as err:
-            error = err
-    refused = torch.tensor([float(error is not None)], device=runtime.device)
-    if trainer.strategy.all_reduce_max(refused).item() > 0:
-        if error is not None:
-            raise error
-        raise SystemExit(2)
-    try:
-        yield
-    finally:
-        if runtime.is_main:
-            release_run_dir(run_dir)
 
 
 def sweep(cfg: Config, runtime: Runtime, trainer, min_lr: float, max_lr: float, steps: int) -> dict:
