@@ -72,6 +72,11 @@ def q_seed(seed: int, name: str, draw: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def float32_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """What a plain float32 all-reduce of gradients of `shapes` sends: the measure of target_ratio."""
+    return 4 * sum(math.prod(shape) for shape in shapes)
+
+
 def gram_schmidt_(matrices: Tensor) -> Tensor:
     """Orthonormalize the columns of each matrix of a (B, n, r) batch in place (modified
     Gram-Schmidt; a zero column stays zero instead of becoming NaN)."""
@@ -166,7 +171,7 @@ class PowerSGD(Compressor):
         `target_ratio` times fewer bytes than a float32 all-reduce of gradients of `shapes`, and
         return it (compression.target_ratio). Raises ValueError if rank 1 sends too much already."""
         shapes = [tuple(s) for s in shapes]
-        budget = 4 * sum(math.prod(s) for s in shapes) / target_ratio
+        budget = float32_bytes(shapes) / target_ratio
         largest = max((min(s[0], math.prod(s[1:])) for s in shapes if len(s) > 1), default=0)
         fitted = 0
         while fitted < largest and self.step_bytes(shapes, fitted + 1) <= budget:
@@ -177,8 +182,8 @@ class PowerSGD(Compressor):
         return fitted
 
     def _out_of_reach(self, shapes: list[tuple[int, ...]], target_ratio: float, budget: float) -> str:
-        best = 4 * sum(math.prod(s) for s in shapes) / max(self.step_bytes(shapes, 1), 1)
-        plain = sum(4 * math.prod(s) for s in shapes if self.compressed_rank(s, 1) == 0)
+        best = float32_bytes(shapes) / max(self.step_bytes(shapes, 1), 1)
+        plain = float32_bytes([s for s in shapes if self.compressed_rank(s, 1) == 0])
         quantized = PowerSGD(min_compression_rate=self.min_compression_rate, factor_bits=8)
         hint = " or factor_bits: 8" if not self.factor_bits and quantized.step_bytes(shapes, 1) <= budget else ""
         return (f"compression.target_ratio: {target_ratio:g} is out of reach for this model: rank 1 sends "

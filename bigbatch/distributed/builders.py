@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from bigbatch.compression.factory import build_compressor
+from bigbatch.compression.powersgd import float32_bytes
 from bigbatch.config import Config
 from bigbatch.distributed.ddp import DDPStrategy, SingleProcess
 from bigbatch.distributed.diloco import DiLoCoStrategy, build_pseudo_grad_compressor
@@ -51,7 +52,7 @@ def fit_powersgd_rank(compressor: Any, model: nn.Module, target_ratio: float, an
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     rank = compressor.fit_rank(shapes, target_ratio)
     if announce:
-        sent, full = compressor.step_bytes(shapes), 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        sent, full = compressor.step_bytes(shapes), float32_bytes(shapes)
         print(f"compression: PowerSGD rank {rank} (target_ratio {target_ratio:g}): {sent:,} B a compressed "
               f"step, {full / sent:.1f}x fewer than the all-reduce", flush=True)
 
