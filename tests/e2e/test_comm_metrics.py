@@ -55,6 +55,19 @@ def test_target_ratio_chooses_the_rank_from_the_model(tmp_path):
     assert last["comm_bytes/powersgd_uncompressed"] == 1292
 
 
+def test_unreachable_target_ratio_exits_2_before_anything_is_written(tmp_path):
+    # MLP 8 -> 16 -> 3, 780 B of gradients: rank 1 sends 96 + 76 B of factors and 76 B of biases, 3.1x.
+    raw = tiny_config(tmp_path, compression={"method": "powersgd", "target_ratio": 100})
+    result = bigbatch("launch", "--nproc-per-node", "2", str(write_config(tmp_path / "c.yaml", raw)))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = {line for line in result.stderr.splitlines() if "out of reach" in line}  # ranks say the same
+    assert line.endswith("compression.target_ratio: 100 is out of reach for this model: rank 1 sends 3.1x fewer "
+                         "bytes than the all-reduce (76 B of it in tensors sent plain: biases, norms and small "
+                         "matrices); set target_ratio <= 3.1")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_adaptive_batch_grows_and_lr_follows_the_scaling_rule(tmp_path):
     # Noise scales on this problem are in the tens; factor 8 asks for hundreds, clamped to max 64.
     raw = tiny_config(tmp_path, run={"max_steps": 12},

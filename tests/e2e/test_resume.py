@@ -39,7 +39,9 @@ BATCHES = {
     "plain": {"global_batch": 16},
     "powersgd": {"global_batch": 16},  # with PowerSGD compression: error feedback is per-rank state
     "powersgd_int8": {"global_batch": 16},  # P and Q as int8 codes: all-gathered, summed in rank order
+    "powersgd_target": {"global_batch": 16},  # the rank chosen by compression.target_ratio (rank 2 here)
     "diloco": {"global_batch": 16},    # DiLoCo, 2 replicas, H=4: checkpoints every 3 land mid-cycle
+    "diloco_powersgd_int8": {"global_batch": 16},  # pseudo-gradients through PowerSGD with int8 factors
     "accumulation": {"global_batch": 16, "micro_batch": 4},  # 2 micro-batches per rank
     "zero1": {"global_batch": 16, "micro_batch": 4},  # optimizer state gathered on rank 0 to save
     "zero3": {"global_batch": 16},     # FSDP2 shards: model and optimizer in step-N/dcp/
@@ -69,6 +71,9 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
                                      "min_compression_rate": 1.0}},
         "powersgd_int8": {"compression": {"method": "powersgd", "rank": 2, "start_step": 2,
                                           "min_compression_rate": 1.0, "factor_bits": 8}},
+        # DyingMLP's 780 B of gradients at ratio 1.8 (433 B): rank 2 sends 420 B, rank 3 556 B
+        "powersgd_target": {"compression": {"method": "powersgd", "target_ratio": 1.8, "start_step": 2,
+                                            "min_compression_rate": 1.0}},
         "zero1": {"distributed": {"strategy": "zero1"}},
         "soap": {"optim": {"name": "soap", "betas": [0.9, 0.95]}},
         "soap_zero1": {"optim": {"name": "soap", "betas": [0.9, 0.95]}, "distributed": {"strategy": "zero1"}},
@@ -76,6 +81,10 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, kind):
         "deepspeed": {"distributed": {"strategy": "deepspeed"}, "deepspeed": {"stage": 2}},
         "diloco": {"distributed": {"strategy": "diloco"},
                    "diloco": {"replicas": 2, "inner_steps": 4, "compression": {"method": "fp16"}}},
+        "diloco_powersgd_int8": {"distributed": {"strategy": "diloco"},
+                                 "diloco": {"replicas": 2, "inner_steps": 4,
+                                            "compression": {"method": "powersgd", "rank": 2, "factor_bits": 8,
+                                                            "min_compression_rate": 1.0}}},
     }.get(kind)
     reference = run(tmp_path, "reference", batch, die_at=0, extra=extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
